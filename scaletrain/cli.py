@@ -1,0 +1,44 @@
+"""The `scaletrain` command. Each subcommand lives in its own module and is imported only when used, so
+`scaletrain table` never pays for the trainer's imports. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from scaletrain.errors import USER_ERROR_EXIT_CODE, UserError, one_line
+
+# subcommand -> (module:function taking argv, one-line help)
+SUBCOMMANDS = {
+    "train": ("scaletrain.train.main:cli", "train a model (Hydra overrides: model=... parallel=... trainer.max_steps=...)"),
+    "table": ("scaletrain.models.table:cli", "print the classic model table with computed parameter counts"),
+    "data": ("scaletrain.data.prepare:cli", "data prepare: tokenize a corpus into memory-mapped token shards"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: scaletrain <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10}{help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"error: unknown command {command!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    module_name, function_name = SUBCOMMANDS[command][0].split(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return int(function(rest) or 0)
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Typed configs: the single source of truth. Hydra composes YAML onto these dataclasses; each validates
+itself in __post_init__, and `validate_cross_fields` checks the rules that span several groups before any
+process group exists. Every failure is a ConfigError with one line naming the field and the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from scaletrain.errors import ConfigError
+
+FAMILIES = ("gpt", "bert", "encdec")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture only; nothing about parallelism. Sizes of the classic table live in configs/model/*.yaml."""
+
+    name: str = "gpt_tiny"
+    family: str = "gpt"  # gpt | bert | encdec
+    vocab_size: int = 50257  # the tokenizer's vocab; the trainer pads it (pad_vocab_multiple x tp)
+    d_model: int = 768
+    n_layers: int = 12  # decoder-only / encoder-only depth; encoder depth for encdec
+    n_decoder_layers: int = 0  # encdec only; 0 means "same as n_layers"
+    n_heads: int = 12
+    d_head: int = 0  # 0 means d_model // n_heads (T5 sets it explicitly: d_kv)
+    d_ff: int = 0  # 0 means 4 * d_model
+    max_seq_len: int = 1024  # size of the learned position table (unused for sinusoidal / relative)
+    position: str = "learned"  # learned | sinusoidal | relative
+    position_offset: int = 0  # RoBERTa/BART position ids start at pad+1 = 2 (HF layout)
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post
+    norm_eps: float = 1e-5
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | gated_gelu | gated_relu
+    bias: bool = True
+    tie_embeddings: bool = True
+    type_vocab_size: int = 0  # BERT 2, RoBERTa 1, others 0
+    embedding_norm: bool = False  # LayerNorm after the embedding sum (BERT, BART)
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Transformer, BART opt.)
+    final_norm: bool = True
+    pooler: bool = False
+    nsp_head: bool = False
+    num_labels: int = 0  # >0 adds a sequence-classification head
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    init_std: float = 0.02
+    pad_token_id: int = 0
+    pad_vocab_multiple: int = 128
+    kernels: str = "auto"  # auto | triton | torch | compile
+    # Table metadata (scaletrain table), not architecture.
+    documented_params: Optional[float] = None
+    documented_data: str = ""
+    documented_training: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)  # family-specific switches (e.g. t5_version)
+
+    def __post_init__(self) -> None:
+        _choice("model.family", self.family, FAMILIES)
+        _check(self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be positive")
+        _check(self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
+               f"model {self.name}: d_model, n_layers and n_heads must be positive")
+        if self.d_head == 0:
+            _check(self.d_model % self.n_heads == 0,
+                   f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                   f"pick heads that divide the width or set model.d_head")
+        _check(self.d_head >= 0 and self.d_ff >= 0 and self.n_decoder_layers >= 0,
+               f"model {self.name}: d_head, d_ff and n_decoder_layers must not be negative")
+        _choice("model.position", self.position, ("learned", "sinusoidal", "relative"))
+        _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("model.norm_position", self.norm_position, ("pre", "post"))
+        _choice("model.activation", self.activation, ("gelu", "gelu_tanh", "relu", "gated_gelu", "gated_relu"))
+        _choice("model.kernels", self.kernels, ("auto", "triton", "torch", "compile"))
+        _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0,
+               f"model.dropout={self.dropout}/attn_dropout={self.attn_dropout} must be in [0, 1)")
+        _check(self.pad_vocab_multiple >= 1, "model.pad_vocab_multiple must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        multiple = self.pad_vocab_multiple * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "builtin"  # builtin | a path, directory or glob of text/jsonl/parquet files
+    format: str = "auto"  # auto | text | jsonl | parquet | hf_disk
+    text_field: str = "text"
+    split_blank_lines: bool = False  # text files: one document per blank-line block instead of per file
+    decode_errors: str = "strict"  # strict | replace
+    tokenizer: str = "train"  # train (on the corpus) | a tokenizer.json path | a local HF tokenizer folder
+    tokenizer_type: str = "byte_bpe"  # byte_bpe | wordpiece | unigram | bart_bpe
+    tokenizer_vocab: int = 8192
+    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise
+    mlm_probability: float = 0.15
+    whole_word_mask: bool = False
+    dynamic_masking: bool = True
+    nsp: bool = False
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    cache_dir: str = "~/.cache/scaletrain"
+    num_workers: int = 2
+    val_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
+        _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
+        _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
+        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise"))
+        _check(0.0 < self.mlm_probability < 1.0, "data.mlm_probability must be in (0, 1)")
+        _check(0.0 < self.noise_density < 1.0, "data.noise_density must be in (0, 1)")
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd (sgd is for exact-parity tests)
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    schedule: str = "cosine"  # cosine | linear | constant | inverse_sqrt
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    implementation: str = "auto"  # auto (fused on CUDA, foreach elsewhere) | fused | foreach | for_loop
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "inverse_sqrt"))
+        _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
+        _check(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever is left of the world size
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero: int = 0  # 0 replicated | 1 optimizer state | 2 + grads (FSDP2, no reshard) | 3 fully_shard
+    offload: str = "none"  # none | cpu
+    sequence_parallel: bool = False
+    reduce_dtype: str = "fp32"  # fp32 | param (reduce gradients in the parameter dtype)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv | dualpipev
+    pp_virtual: int = 1
+    pp_split: Optional[List[int]] = None  # explicit first layer index of each stage after the first
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp", "pp_virtual"):
+            _check(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard must be >= 1 or -1 (auto)")
+        _choice("parallel.zero", self.zero, (0, 1, 2, 3))
+        _choice("parallel.offload", self.offload, ("none", "cpu"))
+        _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "param"))
+        _choice("parallel.pp_schedule", self.pp_schedule,
+                ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"))
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    max_tokens: int = 0  # 0: no token limit; otherwise stop at whichever limit comes first
+    global_batch: int = 16  # sequences per optimizer step, across all data-parallel ranks
+    micro_batch: int = 8  # sequences per forward pass on one rank
+    seq_len: int = 128
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    grad_clip: float = 1.0
+    activation_checkpointing: str = "none"  # none | full | selective
+    loss_scale_init: float = 2.0**16  # fp16 only
+    loss_scale_growth_interval: int = 1000  # clean steps before the fp16 scale doubles
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf losses before the run stops
+    sample_tokens: int = 48  # length of the sample printed at the end (decoder families)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps > 0 or self.max_tokens > 0, "set trainer.max_steps or trainer.max_tokens")
+        _check(self.global_batch > 0 and self.micro_batch > 0 and self.seq_len > 0,
+               "trainer.global_batch, trainer.micro_batch and trainer.seq_len must be positive")
+        _choice("trainer.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between saves; 0 disables periodic saves (a final save still happens)
+    keep: int = 3  # the last K complete checkpoints are kept
+    keep_every: int = 0  # ...plus every Mth step forever (0: none)
+    async_save: bool = False
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every must be >= 0")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1 or nothing could be resumed")
+
+
+@dataclass
+class LaunchConfig:
+    name: str = "local"  # local | torchrun | slurm
+    nproc_per_node: int = 1
+    max_restarts: int = 0
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU tasks (one per cpus_per_task)
+    tasks_per_node: int = 0  # 0: gpus_per_node, or 1 on CPU
+    cpus_per_task: int = 1
+    partition: str = ""
+    account: str = ""
+    time: str = "01:00:00"
+    signal_grace_s: int = 120
+    requeue: bool = True
+    dependency_chain: int = 1
+    extra_sbatch: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("launcher.name", self.name, ("local", "torchrun", "slurm"))
+        _check(self.nproc_per_node >= 1 and self.nodes >= 1, "launcher.nproc_per_node and launcher.nodes must be >= 1")
+        _check(self.max_restarts >= 0 and self.dependency_chain >= 1,
+               "launcher.max_restarts must be >= 0 and launcher.dependency_chain >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "cpu_local"
+    device: str = "cpu"  # cpu | cuda
+    accelerator: str = "CPU"
+    gpus_per_node: int = 0
+    memory_gb: float = 24.0  # per device
+    peak_tflops_bf16: float = 0.0
+    peak_tflops_fp16: float = 0.0
+    peak_tflops_fp32: float = 0.2  # measured-order figure for a 2-core CPU; MFU on CPU is indicative only
+    intra_node_gbps: float = 10.0  # GB/s per device, NVLink on GPU nodes
+    inter_node_gbps: float = 1.0  # GB/s per device, InfiniBand on GPU clusters
+    default_precision: str = "fp32"
+
+    def peak_tflops(self, precision: str) -> float:
+        return {"bf16": self.peak_tflops_bf16, "fp16": self.peak_tflops_fp16}.get(precision, self.peak_tflops_fp32)
+
+
+@dataclass
+class DryRunConfig:
+    world_size: int = 0  # > 0: build rank `rank`'s shard on meta under a fake process group, report, exit
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 0 and 0 <= self.rank < max(self.world_size, 1),
+               f"dry_run.rank={self.rank} must be in [0, dry_run.world_size={self.world_size})")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launcher: LaunchConfig = field(default_factory=LaunchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dry_run: DryRunConfig = field(default_factory=DryRunConfig)
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    run_dir: str = "."  # Hydra sets the working directory; checkpoints and metrics go below it
+    logger: str = "jsonl"  # jsonl | wandb (always writes JSONL too)
+
+    def __post_init__(self) -> None:
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("logger", self.logger, ("jsonl", "wandb"))
+
+
+def data_parallel_degree(parallel: ParallelConfig, world_size: int) -> int:
+    """dp_replicate * dp_shard, resolving dp_shard=-1 to whatever the world size leaves."""
+    others = parallel.dp_replicate * parallel.tp * parallel.pp * parallel.cp
+    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else max(world_size // others, 1)
+    return parallel.dp_replicate * dp_shard
+
+
+def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
+    """Rules that span config groups. Called before any process group or model exists."""
+    p, m, t = cfg.parallel, cfg.model, cfg.trainer
+    dp = data_parallel_degree(p, world_size)
+    product = dp * p.tp * p.pp * p.cp
+    _check(product == world_size,
+           f"parallel degrees dp_replicate x dp_shard x tp x pp x cp = {product} but the world size is "
+           f"{world_size}; change the degrees or the number of processes")
+    _check(p.tp <= m.n_heads, f"parallel.tp={p.tp} is larger than model.n_heads={m.n_heads}; lower tp")
+    _check(m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
+    _check(m.ffn_dim % p.tp == 0, f"the FFN width {m.ffn_dim} is not divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel:
+        _check(t.seq_len % p.tp == 0,
+               f"trainer.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} (sequence parallel is on)")
+    _check(t.global_batch % (t.micro_batch * dp) == 0,
+           f"trainer.global_batch={t.global_batch} is not divisible by trainer.micro_batch x dp = "
+           f"{t.micro_batch} x {dp}; change global_batch or micro_batch")
+    layers = m.n_layers + (m.decoder_layers if m.family == "encdec" else 0)
+    stages = p.pp * p.pp_virtual
+    _check(p.pp_split is not None or layers >= stages,
+           f"{layers} layers cannot fill parallel.pp x pp_virtual = {stages} stages; lower pp or pp_virtual")
+    if m.position == "learned":
+        _check(t.seq_len <= m.max_seq_len,
+               f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="scaletrain",
+    version="0.1.0",
+    description="Train decoder-only, encoder-only and encoder-decoder transformers from a laptop CPU to GPU clusters.",
+    packages=find_packages(include=["scaletrain", "scaletrain.*"]),
+    package_data={"scaletrain": ["configs/*.yaml", "configs/*/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.13,<2.14",
+        "hydra-core>=1.3.2",
+        "tokenizers>=0.20",
+        "numpy>=1.26",
+        "wandb>=0.18",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "transformers>=4.45",
+            "triton>=3.1; platform_system=='Linux'",
+            "submitit>=1.5",
+            "hydra-submitit-launcher>=1.2",
+        ],
+        "slurm": ["submitit>=1.5", "hydra-submitit-launcher>=1.2"],
+    },
+    entry_points={"console_scripts": ["scaletrain=scaletrain.cli:main"]},
+)
