@@ -58,6 +58,11 @@ class ModelConfig:
     pad_token_id: int = 0
     pad_vocab_multiple: int = 128
     kernels: str = "auto"  # auto | triton | torch | compile
+    scale_attention: bool = True  # False for T5: its 1/sqrt(d_head) is folded into the init of q_proj
+    scale_decoder_output: bool = False  # T5 v1.0: decoder output * d_model**-0.5 before the tied lm_head
+    final_logits_bias: bool = False  # BART: a (1, vocab) buffer added to the logits
+    positions_from_padding: bool = False  # RoBERTa: position ids count non-pad tokens from pad_token_id + 1
+    init_scheme: str = "normal"  # normal (BERT, GPT-1, BART) | gpt2 (scaled residuals) | t5 | xavier (Transformer)
     # Table metadata (scaletrain table), not architecture.
     documented_params: Optional[float] = None
     documented_data: str = ""
@@ -83,6 +88,18 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0,
                f"model.dropout={self.dropout}/attn_dropout={self.attn_dropout} must be in [0, 1)")
         _check(self.pad_vocab_multiple >= 1, "model.pad_vocab_multiple must be >= 1")
+        _choice("model.init_scheme", self.init_scheme, ("normal", "gpt2", "t5", "xavier"))
+        _check(self.position_offset >= 0, f"model.position_offset={self.position_offset} must be >= 0")
+        _check(self.max_seq_len > 0, f"model.max_seq_len={self.max_seq_len} must be positive")
+        _check(self.position != "relative" or self.relative_buckets >= 4,
+               f"model.relative_buckets={self.relative_buckets} must be >= 4 with relative positions")
+        _check(self.type_vocab_size >= 0 and self.num_labels >= 0,
+               "model.type_vocab_size and model.num_labels must not be negative")
+        _check(0 <= self.pad_token_id < self.vocab_size,
+               f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size={self.vocab_size}")
+        _check(not self.nsp_head or self.pooler, "model.nsp_head needs model.pooler=true (NSP reads the pooled [CLS])")
+        _check(self.family != "gpt" or not (self.pooler or self.nsp_head),
+               "model.pooler/nsp_head are BERT heads; set them false for family gpt")
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +121,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = "builtin"  # builtin | a path, directory or glob of text/jsonl/parquet files
+    prepared: str = ""  # a directory written by `scaletrain data prepare`; when set, corpus is not read
     format: str = "auto"  # auto | text | jsonl | parquet | hf_disk
     text_field: str = "text"
     split_blank_lines: bool = False  # text files: one document per blank-line block instead of per file
@@ -130,6 +148,8 @@ class DataConfig:
         _check(0.0 < self.mlm_probability < 1.0, "data.mlm_probability must be in (0, 1)")
         _check(0.0 < self.noise_density < 1.0, "data.noise_density must be in (0, 1)")
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+        _check(self.tokenizer_vocab > 0 and self.num_workers >= 0,
+               "data.tokenizer_vocab must be positive and data.num_workers >= 0")
 
 
 @dataclass
@@ -221,41 +241,62 @@ class CheckpointConfig:
 
 @dataclass
 class LaunchConfig:
-    name: str = "local"  # local | torchrun | slurm
+    name: str = "local"  # local (this process, or nproc_per_node elastic workers) | torchrun (print) | slurm
     nproc_per_node: int = 1
-    max_restarts: int = 0
+    max_restarts: int = 0  # local: the elastic agent restarts all workers this many times after a failure
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU tasks (one per cpus_per_task)
     tasks_per_node: int = 0  # 0: gpus_per_node, or 1 on CPU
     cpus_per_task: int = 1
-    partition: str = ""
+    partition: str = ""  # "" = the cluster's default partition
     account: str = ""
-    time: str = "01:00:00"
-    signal_grace_s: int = 120
+    time: str = "01:00:00"  # Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
+    signal_grace_s: int = 120  # USR1 this long before the time limit: the trainer saves and requeues
     requeue: bool = True
-    dependency_chain: int = 1
-    extra_sbatch: List[str] = field(default_factory=list)
+    dependency_chain: int = 1  # K chained jobs (afterany), for runs longer than one time limit
+    seconds_per_step: float = 1.0  # estimate used to check that a job reaches its first checkpoint
+    job_name: str = "scaletrain"
+    extra_sbatch: List[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. "--qos=high"
 
     def __post_init__(self) -> None:
         _choice("launcher.name", self.name, ("local", "torchrun", "slurm"))
         _check(self.nproc_per_node >= 1 and self.nodes >= 1, "launcher.nproc_per_node and launcher.nodes must be >= 1")
         _check(self.max_restarts >= 0 and self.dependency_chain >= 1,
                "launcher.max_restarts must be >= 0 and launcher.dependency_chain >= 1")
+        _check(self.gpus_per_node >= 0 and self.tasks_per_node >= 0 and self.cpus_per_task >= 1,
+               "launcher.gpus_per_node and tasks_per_node must be >= 0, launcher.cpus_per_task >= 1")
+        _check(0 <= self.signal_grace_s <= 65535, "launcher.signal_grace_s must be in [0, 65535] (Slurm's limit)")
+        _check(self.seconds_per_step > 0, "launcher.seconds_per_step must be positive")
+
+    @property
+    def slurm_tasks_per_node(self) -> int:
+        """One task per GPU, or per CPU slot on CPU nodes."""
+        return self.tasks_per_node or self.gpus_per_node or 1
 
 
 @dataclass
 class ClusterConfig:
+    """One node type: what the trainer (MFU) and the planner need. GPU presets quote NVIDIA's data sheets."""
+
     name: str = "cpu_local"
     device: str = "cpu"  # cpu | cuda
     accelerator: str = "CPU"
     gpus_per_node: int = 0
     memory_gb: float = 24.0  # per device
-    peak_tflops_bf16: float = 0.0
+    peak_tflops_bf16: float = 0.0  # dense (no 2:4 sparsity); 0 = not supported
     peak_tflops_fp16: float = 0.0
     peak_tflops_fp32: float = 0.2  # measured-order figure for a 2-core CPU; MFU on CPU is indicative only
-    intra_node_gbps: float = 10.0  # GB/s per device, NVLink on GPU nodes
-    inter_node_gbps: float = 1.0  # GB/s per device, InfiniBand on GPU clusters
+    intra_node_gbps: float = 10.0  # GB/s per device, one direction, NVLink on GPU nodes
+    inter_node_gbps: float = 1.0  # GB/s per device, one direction, InfiniBand on GPU clusters
     default_precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _choice("cluster.device", self.device, ("cpu", "cuda"))
+        _choice("cluster.default_precision", self.default_precision, ("fp32", "bf16", "fp16"))
+        _check(self.memory_gb > 0 and self.peak_tflops_fp32 > 0,
+               f"cluster {self.name}: memory_gb and peak_tflops_fp32 must be positive")
+        _check(self.peak_tflops(self.default_precision) > 0,
+               f"cluster {self.name}: default_precision={self.default_precision} has no peak FLOP/s; set it")
 
     def peak_tflops(self, precision: str) -> float:
         return {"bf16": self.peak_tflops_bf16, "fp16": self.peak_tflops_fp16}.get(precision, self.peak_tflops_fp32)
@@ -314,7 +355,8 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     if p.sequence_parallel:
         _check(t.seq_len % p.tp == 0,
                f"trainer.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} (sequence parallel is on)")
-    _check(t.global_batch % (t.micro_batch * dp) == 0,
+    # A dry run builds one rank's shards and never reads a batch, so it accepts any batch size.
+    _check(cfg.dry_run.world_size > 0 or t.global_batch % (t.micro_batch * dp) == 0,
            f"trainer.global_batch={t.global_batch} is not divisible by trainer.micro_batch x dp = "
            f"{t.micro_batch} x {dp}; change global_batch or micro_batch")
     layers = m.n_layers + (m.decoder_layers if m.family == "encdec" else 0)

@@ -1,0 +1,260 @@
+"""Blocks shared by the three families: attention on SDPA, MLP, norms, positions and the transformer block.
+
+Shapes: B batch, T (Tq, Tk) sequence, D d_model, H heads, Dh head dim, V vocab. Norms, activations and the
+loss live in small named functions so the kernels layer can later route them through fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.configs.schema import ModelConfig
+
+
+# ----------------------------------------------------------------------------------------- functional ops
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # T5: no mean subtraction, no bias; the variance is taken in fp32 even under bf16/fp16.
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(weight.dtype)
+
+
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind in ("gelu_tanh", "gated_gelu"):  # GPT-2's gelu_new and T5 v1.1's gated-gelu are the tanh form
+        return F.gelu(x, approximate="tanh")
+    if kind == "gelu":
+        return F.gelu(x)
+    return F.relu(x)  # relu, gated_relu
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits, (...) labels with -100 ignored -> (summed loss in fp32, number of counted labels)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+def attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int,
+                   dtype: torch.dtype, device: torch.device,
+                   position_bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Additive float mask (B|1, H|1, Tq, Tk) for SDPA, or None when plain (causal) SDPA suffices.
+
+    attention_mask (B, Tk) holds 1 for tokens and 0 for padding. A large finite negative (not -inf) keeps
+    rows that see no key at all finite, as Hugging Face does."""
+    if attention_mask is None and position_bias is None:
+        return None  # the caller passes is_causal=causal to SDPA: the fast kernels apply
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros(1, 1, q_len, k_len, dtype=dtype, device=device)
+    if causal:
+        # queries are the last q_len positions of the k_len keys (equal lengths without a KV cache)
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(k_len - q_len + 1)
+        bias = bias.masked_fill(future, neg)
+    if attention_mask is not None:
+        padding = attention_mask[:, None, None, :].to(device) == 0  # (B, 1, 1, Tk)
+        bias = bias.masked_fill(padding, neg)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)
+    return bias
+
+
+# ---------------------------------------------------------------------------------------------- norms
+
+class Norm(nn.Module):
+    """LayerNorm (weight + bias) or T5's RMSNorm (weight only)."""
+
+    def __init__(self, dim: int, kind: str = "layernorm", eps: float = 1e-5):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> Norm:
+    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections; self or cross (pass `memory`).
+    The inner width H * Dh may differ from D (T5-11B: 128 heads x 128 over d_model 1024)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        inner = self.n_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.out_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.attn_dropout
+        self.scale = None if cfg.scale_attention else 1.0  # None: SDPA's default 1/sqrt(Dh)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        source = x if memory is None else memory
+        B, Tq, _ = x.shape
+        Tk = source.shape[1]
+        # (B, T, H*Dh) -> (B, H, T, Dh); -1 lets a tensor-parallel shard carry fewer heads
+        q = self.q_proj(x).view(B, Tq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal and bias is None,
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, D)
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+
+class MLP(nn.Module):
+    """fc_out(act(fc_in(x))); gated: fc_out(act(fc_gate(x)) * fc_in(x)) (T5 v1.1: fc_gate = wi_0, fc_in = wi_1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.activation
+        self.fc_in = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.fc_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias) if self.gated else None
+        self.fc_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+
+    @property
+    def gated(self) -> bool:
+        return self.kind.startswith("gated_")
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return activation(x, self.kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            return self.fc_out(self.activation(self.fc_gate(x)) * self.fc_in(x))
+        return self.fc_out(self.activation(self.fc_in(x)))
+
+
+# ------------------------------------------------------------------------------------------ positions
+
+class SinusoidalPositions(nn.Module):
+    """Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(...). A buffer, no parameters;
+    `reset_buffers` recomputes it after `to_empty()`."""
+
+    def __init__(self, max_len: int, dim: int, offset: int = 0):
+        super().__init__()
+        self.max_len, self.dim, self.offset = max_len, dim, offset
+        self.register_buffer("table", torch.empty(max_len + offset, dim), persistent=False)
+        if self.table.device.type != "meta":
+            self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        position = torch.arange(self.max_len + self.offset, dtype=torch.float32)[:, None]  # (L, 1)
+        inv_freq = torch.exp(torch.arange(0, self.dim, 2, dtype=torch.float32) * (-math.log(10000.0) / self.dim))
+        table = torch.zeros(self.max_len + self.offset, self.dim)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: self.dim // 2])
+        self.table.copy_(table.to(self.table.device))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[position_ids]
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, n_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5 buckets of key - query distances: half exact for small distances, half log-spaced up to
+    max_distance; bidirectional splits the buckets between keys before and after the query."""
+    bucket = torch.zeros_like(relative)
+    if bidirectional:
+        n_buckets //= 2
+        bucket += (relative > 0).long() * n_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)  # a causal decoder only looks back
+    exact = n_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (n_buckets - exact)).long()).clamp(max=n_buckets - 1)
+    return bucket + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5: one learned scalar per (bucket, head), computed once per stack and added to every layer's scores."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.weight = nn.Parameter(torch.empty(cfg.relative_buckets, cfg.n_heads))
+
+    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        device = self.weight.device
+        relative = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.n_buckets, self.max_distance)
+        return F.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # (1, H, Tq, Tk)
+
+
+def position_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, T) ids -> (B|1, T) positions. RoBERTa counts non-pad tokens from pad_token_id + 1 (pads get
+    pad_token_id); learned tables of BART/RoBERTa start at position_offset (2)."""
+    if cfg.positions_from_padding:
+        not_pad = (input_ids != cfg.pad_token_id).long()
+        return torch.cumsum(not_pad, dim=1) * not_pad + cfg.pad_token_id
+    return (torch.arange(input_ids.shape[1], device=input_ids.device) + cfg.position_offset)[None]
+
+
+def make_positions(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.position == "learned":
+        return nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model)
+    if cfg.position == "sinusoidal":
+        return SinusoidalPositions(cfg.max_seq_len, cfg.d_model, cfg.position_offset)
+    return None  # relative: a bias inside attention
+
+
+# ---------------------------------------------------------------------------------------------- block
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention (encdec decoder), MLP.
+    pre-LN: x + f(norm(x)); post-LN: norm(x + f(x)). Causality and padding come in through `bias`."""
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_attn_norm = make_norm(cfg) if cross_attention else None
+        self.cross_attn = Attention(cfg) if cross_attention else None
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def sublayer(self, x: torch.Tensor, norm: Norm, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(fn(norm(x)))
+        return norm(x + self.dropout(fn(x)))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, is_causal: bool = False,
+                memory: torch.Tensor | None = None, memory_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal))
+        if self.cross_attn is not None:
+            x = self.sublayer(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory, bias=memory_bias))
+        return self.sublayer(x, self.mlp_norm, self.mlp)
+
+
+def make_layers(cfg: ModelConfig, n_layers: int, cross_attention: bool = False) -> nn.ModuleDict:
+    # keyed by str(index): a pipeline stage deletes the others and parameter names never change
+    return nn.ModuleDict({str(i): Block(cfg, cross_attention) for i in range(n_layers)})
+
+
+def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """(B,) index of the last non-pad token (the last token without a mask)."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=attention_mask.device)[None]
+    return (positions * (attention_mask != 0)).argmax(dim=1)
