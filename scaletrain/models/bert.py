@@ -30,7 +30,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.kind = cfg.activation
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-        self.norm = Norm(cfg.d_model, "layernorm", cfg.norm_eps)
+        self.norm = Norm(cfg.d_model, "layernorm", cfg.norm_eps, cfg.kernels)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

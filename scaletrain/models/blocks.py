@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaletrain import kernels
 from scaletrain.configs.schema import ModelConfig
 
 
@@ -34,11 +35,23 @@ def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     return F.relu(x)  # relu, gated_relu
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., V) logits, (...) labels with -100 ignored -> (summed loss in fp32, number of counted labels)."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
+def fused_impl(choice: str, device: torch.device) -> str:
+    """model.kernels -> "torch" (the plain ops of this file) or "triton" (kernels/). Under "compile" the
+    parallel plan compiles each block whole, so the ops inside stay plain torch for the compiler to fuse."""
+    impl = kernels.resolve_impl(choice, device)
+    return "torch" if impl == "compile" else impl
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits, (...) labels with -100 ignored -> (summed loss in fp32, number of counted labels).
+    The fused kernel works in chunks of the vocab and never holds the fp32 softmax."""
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if fused_impl(kernels_choice, logits.device) == "triton":
+        loss = kernels.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum", impl="triton")
+    else:
+        loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
+    return loss.float(), (labels != -100).sum()
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -71,20 +84,24 @@ def attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int
 class Norm(nn.Module):
     """LayerNorm (weight + bias) or T5's RMSNorm (weight only)."""
 
-    def __init__(self, dim: int, kind: str = "layernorm", eps: float = 1e-5):
+    def __init__(self, dim: int, kind: str = "layernorm", eps: float = 1e-5, kernels_choice: str = "auto"):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.kernels_choice = kind, eps, kernels_choice
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_impl(self.kernels_choice, x.device) == "triton":
+            if self.kind == "rmsnorm":
+                return kernels.rms_norm(x, self.weight, self.eps, impl="triton")
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
         if self.kind == "rmsnorm":
             return rms_norm(x, self.weight, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> Norm:
-    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.kernels)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -125,7 +142,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind = cfg.activation
+        self.kind, self.kernels_choice = cfg.activation, cfg.kernels
         self.fc_in = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
         self.fc_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias) if self.gated else None
         self.fc_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
@@ -138,6 +155,12 @@ class MLP(nn.Module):
         return activation(x, self.kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_impl(self.kernels_choice, x.device) == "triton" and self.kind != "relu":
+            if self.kind == "gated_gelu":  # one kernel for gelu_tanh(gate) * up
+                return self.fc_out(kernels.gated_gelu(self.fc_gate(x), self.fc_in(x), impl="triton"))
+            if not self.gated:
+                approximate = "tanh" if self.kind == "gelu_tanh" else "none"
+                return self.fc_out(kernels.bias_gelu(self.fc_in(x), None, approximate, impl="triton"))
         if self.fc_gate is not None:
             return self.fc_out(self.activation(self.fc_gate(x)) * self.fc_in(x))
         return self.fc_out(self.activation(self.fc_in(x)))
@@ -239,12 +262,36 @@ class Block(nn.Module):
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
 
+    def add_dropout_norm(self, branch: torch.Tensor, residual: torch.Tensor,
+                         norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Megatron's fused tail: new = residual + dropout(branch) -> (norm(new), new), one kernel."""
+        return kernels.residual_dropout_norm(branch, residual, None, self.dropout.p, self.training, norm.weight,
+                                             norm.bias, norm.eps, norm.kind, impl="triton")
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, is_causal: bool = False,
                 memory: torch.Tensor | None = None, memory_bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.sublayer(x, self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal))
+        steps = [(self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal))]
         if self.cross_attn is not None:
-            x = self.sublayer(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory, bias=memory_bias))
-        return self.sublayer(x, self.mlp_norm, self.mlp)
+            steps.append((self.cross_attn_norm, lambda h: self.cross_attn(h, memory, bias=memory_bias)))
+        steps.append((self.mlp_norm, self.mlp))
+        if fused_impl(self.mlp.kernels_choice, x.device) == "triton":
+            return self.fused_forward(x, steps)
+        for norm, fn in steps:
+            x = self.sublayer(x, norm, fn)
+        return x
+
+    def fused_forward(self, x: torch.Tensor, steps: list) -> torch.Tensor:
+        """Same math with each residual add + dropout + norm in one kernel.
+        post-LN: x = norm(x + drop(f(x))) per step. pre-LN: the add of step i is fused with the norm that
+        opens step i+1; the block's last add stays plain (the next block's norm opens it)."""
+        if not self.pre_norm:
+            for norm, fn in steps:
+                x, _ = self.add_dropout_norm(fn(x), x, norm)
+            return x
+        normed = steps[0][0](x)
+        for (_, fn), (next_norm, _) in zip(steps, steps[1:]):
+            normed, x = self.add_dropout_norm(fn(normed), x, next_norm)
+        return x + self.dropout(steps[-1][1](normed))
 
 
 def make_layers(cfg: ModelConfig, n_layers: int, cross_attention: bool = False) -> nn.ModuleDict:

@@ -23,12 +23,12 @@ class UnknownModel(UserError):
     pass
 
 
-def lm_loss(outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(outputs: torch.Tensor, batch: dict, kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """GPT and encoder-decoder: logits (B, T, V) against already-shifted labels (B, T), -100 ignored."""
-    return cross_entropy_sum(outputs, batch["labels"])
+    return cross_entropy_sum(outputs, batch["labels"], kernels_choice)
 
 
-def bert_loss(outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def bert_loss(outputs, batch: dict, kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """MLM over the masked tokens, plus NSP when the batch has next_sentence_label.
 
     Normalisation: each sequence's NSP prediction counts as one more predicted position, so the trainer's
@@ -36,7 +36,7 @@ def bert_loss(outputs, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     This stays exact under any data-parallel split or accumulation (BERT's own "mean MLM + mean NSP" does
     not: its NSP weight would depend on the masked-token count of each micro-batch)."""
     mlm_logits, nsp_logits = outputs
-    loss_sum, count = cross_entropy_sum(mlm_logits, batch["labels"])
+    loss_sum, count = cross_entropy_sum(mlm_logits, batch["labels"], kernels_choice)
     if nsp_logits is not None and "next_sentence_label" in batch:
         nsp_sum, nsp_count = cross_entropy_sum(nsp_logits, batch["next_sentence_label"])
         loss_sum, count = loss_sum + nsp_sum, count + nsp_count
