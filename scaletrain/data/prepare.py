@@ -1,0 +1,308 @@
+"""`scaletrain data prepare`: tokenize a corpus in worker processes into memory-mapped token shards, and
+`build_datasets(cfg)`, which the trainer calls to get (tokenizer, train, validation) from the cache.
+
+    <out>/train.bin .idx  validation.bin .idx  tokenizer.json  metadata.json
+
+metadata.json is written last (temp + rename) and names the tokenizer hash and the input fingerprint, so
+a directory is complete exactly when it has a metadata.json whose key matches; re-running with the same
+inputs does nothing, and a killed run leaves only `.partial` files that the next run overwrites. A file
+lock serializes ranks (or users) preparing the same directory."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
+from scaletrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype
+from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scaletrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+_CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    train: IndexedTokens
+    validation: IndexedTokens
+    directory: Path
+    metadata: dict
+
+
+# ----------------------------------------------------------------------------- tokenization workers
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer as Backend
+
+    _worker_tokenizer = Tokenizer(Backend.from_str(tokenizer_json))
+
+
+def _tokenize_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """-> (tokens of every document followed by EOD, concatenated; per-document lengths incl. EOD)."""
+    tokenizer = _worker_tokenizer
+    ids = tokenizer.encode_batch(texts)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.empty(int(lengths.sum()), dtype=token_dtype(tokenizer.vocab_size))
+    ends = np.cumsum(lengths)
+    for document, end in zip(ids, ends):
+        tokens[end - len(document) - 1:end - 1] = document
+        tokens[end - 1] = tokenizer.eod_id
+    return tokens, lengths
+
+
+def _chunks(documents: List[str]) -> Iterator[List[str]]:
+    chunk, size = [], 0
+    for document in documents:
+        chunk.append(document)
+        size += len(document)
+        if size >= _CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _tokenize_pool(tokenizer: Tokenizer, num_workers: int):
+    """Yields an ordered map(chunk -> arrays); worker processes when num_workers > 1."""
+    daemonic = multiprocessing.current_process().daemon  # e.g. a test rank: it may not have children
+    if daemonic and num_workers > 1:
+        log.info("tokenizing in this process: a daemonic process cannot start data.num_workers=%d workers",
+                 num_workers)
+    if num_workers <= 1 or daemonic:
+        _init_worker(tokenizer.json)
+        yield lambda chunks: map(_tokenize_chunk, chunks)
+        return
+    # fork starts a worker in milliseconds where spawn re-imports for about a second, which is most of the
+    # job on a few-MB corpus. The children only run the Rust tokenizer and numpy, never torch, so threads
+    # the parent holds (torch, gloo) are not touched. TOKENIZERS_PARALLELISM=false makes each worker one
+    # thread (the processes are the parallelism) and silences the library's fork warning.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        context = multiprocessing.get_context(method)
+        with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.json,)) as pool:
+            yield lambda chunks: pool.imap(_tokenize_chunk, chunks)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def _key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> dict:
+    return {"format_version": FORMAT_VERSION, "input_fingerprint": corpus.fingerprint,
+            "tokenizer_hash": tokenizer.hash, "val_fraction": val_fraction}
+
+
+def _read_metadata(directory: Path) -> Optional[dict]:
+    path = directory / "metadata.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _up_to_date(directory: Path, key: dict) -> bool:
+    metadata = _read_metadata(directory)
+    if metadata is None or any(metadata.get(name) != value for name, value in key.items()):
+        return False
+    for split in SPLITS:  # a shard damaged after the fact is rebuilt, not trusted
+        expected = metadata["splits"][split]["tokens"] * np.dtype(metadata["dtype"]).itemsize
+        path = directory / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != expected:
+            log.warning("%s does not match its metadata; rebuilding %s", path, directory)
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _write_split(documents: List[str], prefix: Path, tokenizer: Tokenizer, pool_map, progress: bool) -> dict:
+    writer = IndexedWriter(prefix, token_dtype(tokenizer.vocab_size))
+    bar = tqdm(total=len(documents), unit="doc", desc=f"tokenize {prefix.name}", disable=not progress,
+               leave=False)
+    try:
+        for tokens, lengths in pool_map(_chunks(documents)):
+            writer.add_documents(tokens, lengths)
+            bar.update(lengths.size)
+            bar.set_postfix(tokens=writer.tokens, refresh=False)
+        count = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return {"documents": count, "tokens": writer.tokens}
+
+
+def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction: float = 0.02,
+            num_workers: int = 2, progress: bool = True) -> dict:
+    """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split);
+    returns the metadata. Safe to call from every rank at once."""
+    directory = Path(directory)
+    key = _key(corpus, tokenizer, val_fraction)
+    if _up_to_date(directory, key):
+        return _read_metadata(directory)
+    with _directory_lock(directory):
+        if _up_to_date(directory, key):  # another process finished it while we waited
+            return _read_metadata(directory)
+        (directory / "metadata.json").unlink(missing_ok=True)  # from here on the directory is incomplete
+        started = time.perf_counter()
+        train, validation = split_documents(corpus, val_fraction)
+        splits = {}
+        with _tokenize_pool(tokenizer, num_workers) as pool_map:
+            for split, documents in (("train", train), ("validation", validation)):
+                splits[split] = _write_split(documents, directory / split, tokenizer, pool_map, progress)
+        seconds = time.perf_counter() - started
+        _atomic_write_text(directory / "tokenizer.json", tokenizer.json)
+        metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
+                        dtype=token_dtype(tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
+                        splits=splits, seconds=round(seconds, 3), complete=True)
+        _atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
+    tokens = sum(s["tokens"] for s in splits.values())
+    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", directory,
+             sum(s["documents"] for s in splits.values()), tokens, seconds, tokens / max(seconds, 1e-9),
+             num_workers)
+    return metadata
+
+
+def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
+    """Opens a complete prepared directory; with `tokenizer`, checks the shards were made with it."""
+    directory = Path(os.path.expanduser(str(directory)))
+    if not directory.is_dir():
+        raise DataError(f"prepared data directory {directory} does not exist; run scaletrain data prepare "
+                        f"--out {directory} first")
+    metadata = _read_metadata(directory)
+    if metadata is None or not metadata.get("complete"):
+        raise DataError(f"{directory} has no complete metadata.json (an interrupted prepare?); re-run "
+                        f"scaletrain data prepare --out {directory}")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
+    if metadata["tokenizer_hash"] != tokenizer.hash:
+        raise DataError(f"the shards in {directory} were made with tokenizer {metadata['tokenizer_hash'][:12]} "
+                        f"but this run uses {tokenizer.hash[:12]} ({tokenizer.source}); re-run scaletrain data "
+                        f"prepare with this tokenizer or set data.tokenizer={directory / 'tokenizer.json'}")
+    splits = {split: IndexedTokens(directory / split) for split in SPLITS}
+    return PreparedData(tokenizer, splits["train"], splits["validation"], directory, metadata)
+
+
+# ----------------------------------------------------------------------------- the trainer's entry point
+
+def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
+    """data.tokenizer=train trains on the train split once and caches it by (kind, vocab, corpus hash)."""
+    if data_cfg.tokenizer != "train":
+        return load_tokenizer(data_cfg.tokenizer)
+    key = f"{data_cfg.tokenizer_type}|{data_cfg.tokenizer_vocab}|{corpus.fingerprint}|{data_cfg.val_fraction}"
+    folder = (Path(os.path.expanduser(data_cfg.cache_dir)) / "tokenizers" /
+              f"{data_cfg.tokenizer_type}-{data_cfg.tokenizer_vocab}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        with _directory_lock(folder):
+            if not path.is_file():
+                train, _ = split_documents(corpus, data_cfg.val_fraction)
+                tokenizer = train_tokenizer(data_cfg.tokenizer_type, train, data_cfg.tokenizer_vocab)
+                _atomic_write_text(path, tokenizer.json)
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.source = f"{data_cfg.tokenizer_type} trained on {corpus.name} ({path})"
+    return tokenizer
+
+
+def build_datasets(cfg, progress: bool = True) -> PreparedData:
+    """(tokenizer, train, validation) for a TrainConfig: a prepared directory (data.prepared), or the corpus
+    prepared into cfg.data.cache_dir on first use, keyed by the content hashes of corpus and tokenizer."""
+    data_cfg = cfg.data
+    if data_cfg.prepared:
+        tokenizer = None if data_cfg.tokenizer == "train" else load_tokenizer(data_cfg.tokenizer)
+        return open_prepared(Path(data_cfg.prepared), tokenizer)
+    corpus = corpus_from_config(data_cfg)
+    tokenizer = tokenizer_from_config(data_cfg, corpus)
+    directory = (Path(os.path.expanduser(data_cfg.cache_dir)) / "datasets" /
+                 f"{corpus.name}-{corpus.fingerprint[:12]}-{tokenizer.hash[:12]}")
+    prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress)
+    return open_prepared(directory, tokenizer)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    from scaletrain.configs.schema import DataConfig
+
+    parser = argparse.ArgumentParser(prog="scaletrain data prepare",
+                                     description="Tokenize a corpus into memory-mapped token shards.")
+    parser.add_argument("--out", required=True, help="output directory")
+    defaults = DataConfig()
+    for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
+                 "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction"):
+        value = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
+                            help=f"data.{name} (default: {value})")
+    parser.add_argument("--split-blank-lines", action="store_true", help="one document per blank-line block")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def cli(argv: List[str]) -> int:
+    from scaletrain.configs.schema import DataConfig
+
+    if not argv or argv[0] != "prepare":
+        raise DataError("usage: scaletrain data prepare --out DIR [--corpus PATH|builtin] [--tokenizer PATH|train] "
+                        "...; see scaletrain data prepare --help")
+    args = _parser().parse_args(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
+    data_cfg = DataConfig(**options)
+    corpus = corpus_from_config(data_cfg)
+    tokenizer = tokenizer_from_config(data_cfg, corpus)
+    directory = Path(os.path.expanduser(args.out))
+    key = _key(corpus, tokenizer, data_cfg.val_fraction)
+    if _up_to_date(directory, key):
+        print(f"{directory} is up to date (corpus {corpus.fingerprint[:12]}, tokenizer {tokenizer.hash[:12]})")
+        return 0
+    metadata = prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers,
+                       progress=not args.no_progress)
+    splits = metadata["splits"]
+    print(f"prepared {directory}: vocab {tokenizer.vocab_size}, "
+          + ", ".join(f"{s} {v['documents']} docs {v['tokens']} tokens" for s, v in splits.items())
+          + f", {metadata['seconds']}s")
+    return 0

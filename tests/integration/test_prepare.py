@@ -1,0 +1,172 @@
+"""`scaletrain data prepare` through the real CLI: idempotent, atomic under SIGKILL, one-line user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from scaletrain.configs.schema import DataConfig
+from scaletrain.data.corpus import is_validation
+from scaletrain.data.prepare import build_datasets, open_prepared
+from scaletrain.data.tokenizer import load_tokenizer, train_tokenizer
+from scaletrain.errors import DataError
+from scaletrain.parallel.multiprocess import run_on_ranks
+
+WORDS = ("the model reads tokens and writes shards while workers tokenize documents in parallel so that "
+         "training never waits for data every epoch sees a new order").split()
+
+
+def prepare_cli(*args, check_rc=0):
+    result = subprocess.run([sys.executable, "-m", "scaletrain.cli", "data", "prepare", "--no-progress", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == check_rc, result.stderr
+    return result
+
+
+def write_jsonl(path, documents):
+    path.write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
+
+
+def random_documents(count, rng, max_words=400):
+    return [" ".join(rng.choice(WORDS, size=rng.integers(5, max_words))) + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_tokenizer("byte_bpe", random_documents(200, np.random.default_rng(0)), 600).save(path)
+    return path
+
+
+def expected_shards(documents, tokenizer, val_fraction=0.02):
+    """Reference: encode every document in-process and pack with EOD, split by the same hash rule."""
+    splits = {"train": [], "validation": []}
+    for document in documents:
+        splits["validation" if is_validation(document, val_fraction) else "train"].append(document)
+    return {split: np.concatenate([np.append(tokenizer.encode(d), tokenizer.eod_id) for d in docs])
+            for split, docs in splits.items()}
+
+
+def test_prepare_then_rerun_does_nothing(tmp_path, tokenizer_file):
+    documents = random_documents(300, np.random.default_rng(1))
+    write_jsonl(tmp_path / "corpus.jsonl", documents)
+    out = tmp_path / "prepared"
+    args = ["--corpus", str(tmp_path / "corpus.jsonl"), "--text-field", "body", "--tokenizer", str(tokenizer_file),
+            "--out", str(out), "--num-workers", "2"]
+    first = prepare_cli(*args)
+    assert "prepared" in first.stdout
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = prepare_cli(*args)
+    assert "up to date" in second.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    tokenizer = load_tokenizer(str(tokenizer_file))
+    data = open_prepared(out, tokenizer)
+    reference = expected_shards(documents, tokenizer)
+    assert np.array_equal(np.asarray(data.train.tokens), reference["train"])
+    assert np.array_equal(np.asarray(data.validation.tokens), reference["validation"])
+    assert data.metadata["splits"]["train"]["documents"] + data.metadata["splits"]["validation"]["documents"] == 300
+    assert data.metadata["tokenizer_hash"] == tokenizer.hash and len(data.metadata["input_fingerprint"]) == 64
+
+
+def test_sigkill_midway_leaves_nothing_complete_and_rerun_finishes(tmp_path, tokenizer_file):
+    documents = random_documents(4000, np.random.default_rng(2), max_words=300)  # ~4 MB: a few seconds
+    write_jsonl(tmp_path / "corpus.jsonl", documents)
+    out = tmp_path / "prepared"
+    args = ["--corpus", str(tmp_path / "corpus.jsonl"), "--text-field", "body", "--tokenizer", str(tokenizer_file),
+            "--out", str(out), "--num-workers", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", "data", "prepare", "--no-progress", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "train.bin.partial"
+    deadline = time.time() + 120
+    while not (partial.exists() and partial.stat().st_size > 0) and time.time() < deadline:
+        assert process.poll() is None, "prepare finished before it could be killed; grow the corpus"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert partial.exists()
+    assert not (out / "metadata.json").exists() and not (out / "train.bin").exists()
+    with pytest.raises(DataError, match="no complete metadata.json"):
+        open_prepared(out)
+    prepare_cli(*args)
+    tokenizer = load_tokenizer(str(tokenizer_file))
+    data = open_prepared(out, tokenizer)
+    assert np.array_equal(np.asarray(data.train.tokens), expected_shards(documents, tokenizer)["train"])
+    assert not list(out.glob("*.partial"))
+
+
+def test_damaged_or_foreign_shards_are_refused(tmp_path, tokenizer_file):
+    (tmp_path / "docs").mkdir()
+    for i, text in enumerate(random_documents(60, np.random.default_rng(3))):
+        (tmp_path / "docs" / f"{i:03d}.txt").write_text(text)
+    out = tmp_path / "prepared"
+    prepare_cli("--corpus", str(tmp_path / "docs"), "--tokenizer", str(tokenizer_file), "--out", str(out))
+    other = train_tokenizer("byte_bpe", random_documents(50, np.random.default_rng(4)), 520)
+    with pytest.raises(DataError, match="made with tokenizer .* re-run scaletrain data prepare"):
+        open_prepared(out, other)
+    with open(out / "train.bin", "r+b") as handle:
+        handle.truncate(handle.seek(0, 2) - 2)
+    with pytest.raises(DataError, match=r"train.bin has \d+ bytes but its index says .* truncated or corrupted"):
+        open_prepared(out)
+    result = prepare_cli("--corpus", str(tmp_path / "docs"), "--tokenizer", str(tokenizer_file), "--out", str(out))
+    assert "prepared" in result.stdout  # a re-run repairs what no longer matches its metadata
+    open_prepared(out)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tokenizer_file):
+    def error_of(*args):
+        result = prepare_cli("--tokenizer", str(tokenizer_file), "--out", str(tmp_path / "out"), *args, check_rc=2)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        return lines[0]
+
+    assert "does not exist" in error_of("--corpus", str(tmp_path / "missing"))
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("\n\n  \n")
+    assert "is empty" in error_of("--corpus", str(tmp_path / "blank"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    message = error_of("--corpus", str(bad))
+    assert str(bad) in message and "2 undecodable bytes" in message and "data.decode_errors=replace" in message
+    prepare_cli("--corpus", str(bad), "--decode-errors", "replace", "--tokenizer", str(tokenizer_file),
+                "--out", str(tmp_path / "replaced"))
+    assert "does not exist" in error_of("--corpus", "builtin", "--tokenizer", str(tmp_path / "nope.json"))
+
+
+def test_build_datasets_prepares_the_builtin_corpus_once(tmp_path):
+    cfg = SimpleNamespace(data=DataConfig(cache_dir=str(tmp_path), tokenizer_vocab=1024, num_workers=2))
+    started = time.perf_counter()
+    data = build_datasets(cfg, progress=False)
+    first_seconds = time.perf_counter() - started
+    assert data.tokenizer.vocab_size == 1024
+    assert data.train.num_tokens > 400_000 and data.validation.num_tokens > 1000
+    metadata = data.directory / "metadata.json"
+    stamp = metadata.stat().st_mtime_ns
+    again = build_datasets(cfg, progress=False)
+    assert again.directory == data.directory and metadata.stat().st_mtime_ns == stamp
+    assert again.tokenizer.hash == data.tokenizer.hash
+    assert first_seconds < 60  # the first `scaletrain train` must not wait long for its data
+    cfg_prepared = SimpleNamespace(data=DataConfig(prepared=str(data.directory)))
+    assert build_datasets(cfg_prepared).train.num_tokens == data.train.num_tokens
+    assert Path(data.directory).parent == tmp_path / "datasets"
+
+
+def _build_on_rank(rank, world_size, corpus, tokenizer, cache_dir):
+    cfg = SimpleNamespace(data=DataConfig(corpus=corpus, text_field="body", tokenizer=tokenizer,
+                                          cache_dir=cache_dir, num_workers=2))
+    data = build_datasets(cfg, progress=False)
+    return str(data.directory), (data.directory / "metadata.json").stat().st_mtime_ns, data.train.num_tokens
+
+
+def test_ranks_preparing_at_once_share_one_result(tmp_path, tokenizer_file):
+    write_jsonl(tmp_path / "corpus.jsonl", random_documents(100, np.random.default_rng(5)))
+    results = run_on_ranks(_build_on_rank, 2, str(tmp_path / "corpus.jsonl"), str(tokenizer_file),
+                           str(tmp_path / "cache"))
+    assert results[0] == results[1]  # same directory, written once (same mtime), same tokens
+    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
