@@ -81,10 +81,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, dims: ParallelDims | None
     it exceeds max_norm (max_norm <= 0: measure only). Returns the norm as a plain 0-d tensor."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    # The last stage's copy of a pipeline-tied embedding holds the same summed gradient as the first
+    # stage's: count it once in the norm (it is still scaled below, so the copies stay identical).
+    counted = [p.grad for p in params if not getattr(p, "pipeline_tied_copy", False)]
     # Group by layout: a DTensor norm reduces over its own mesh; plain tensors are complete on every rank.
     groups: dict = {}
-    for grad in grads:
+    for grad in counted:
         key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
         groups.setdefault(key, []).append(grad)
     total_sq = torch.zeros((), dtype=torch.float32)

@@ -111,7 +111,7 @@ def _stack_plan(prefix: str, layers: nn.ModuleDict, sequence_parallel: bool) -> 
     keys = list(layers.keys())
     for key in keys:
         plan.update(_block_plan(f"{prefix}layers.{key}", layers[key], sequence_parallel))
-    if sequence_parallel:
+    if sequence_parallel and keys:  # a pipeline stage may own no layers of this stack (T5's decoder-only stage)
         # Enter the stack: split the replicated (B, T, D) stream into sequence shards (no communication);
         # leave it: all-gather back to a plain tensor for the final norm / heads / cross-attention memory.
         first, last = f"{prefix}layers.{keys[0]}", f"{prefix}layers.{keys[-1]}"
