@@ -1,0 +1,50 @@
+"""Finding the workers a launcher started, to kill -9 exactly one of them (never by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def worker_with_rank(launcher_pid: int, rank: int, program: bytes, timeout: float = 120) -> int:
+    """The pid of the worker with RANK=rank running `program`, among launcher_pid's descendants."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in descendants(launcher_pid):
+            try:  # a process may be gone by now
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ and program in command:
+                return pid
+        time.sleep(0.2)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL a launcher that overran and every worker it started (by pid), so no orphan keeps training."""
+    for pid in [*descendants(root), root]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
