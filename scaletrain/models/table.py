@@ -69,7 +69,15 @@ def cli(argv: list[str]) -> int:
     parser = _Parser(prog="scaletrain table", description="the classic model table")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("models", nargs="*", help="model names (default: every model of the table)")
+    parser.add_argument("--cluster", default=None, help="add the planner's best layout on this cluster preset")
+    parser.add_argument("--tokens", type=float, default=300e9, help="token budget for the planned training time")
+    parser.add_argument("--nodes", type=int, default=None, help="plan on this many nodes (default: the fewest)")
     args = parser.parse_args(argv)
     rows = [table_row(name) for name in (args.models or TABLE_MODELS)]
-    print(json.dumps(rows, indent=1) if args.format == "json" else format_text(rows))
+    plan_text = ""
+    if args.cluster:  # the planner's columns (scaletrain/plan/table.py)
+        from scaletrain.plan.table import add_plan_columns
+
+        plan_text = "\n\n" + add_plan_columns(rows, args.cluster, args.tokens, args.nodes)
+    print(json.dumps(rows, indent=1) if args.format == "json" else format_text(rows) + plan_text)
     return 0

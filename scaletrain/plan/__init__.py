@@ -1,0 +1,1 @@
+"""`scaletrain plan`: analytic memory and step-time models, and the layout search built on them."""

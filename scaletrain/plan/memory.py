@@ -1,0 +1,427 @@
+"""Per-device memory of a training layout, from the model config alone (no torch, no model build).
+
+Three parts, each from a paper:
+  * model states: parameters, gradients and Adam state split by ZeRO stage as in Rajbhandari et al. 2020
+    ("ZeRO", sec. 3.1): 2Ψ + 2Ψ + KΨ bytes with K = 12 under mixed precision;
+  * activations: per layer from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", sec. 4): sbh(34 + 5as/h) bytes without parallelism, sbh(10 + 24/t + 5as/(ht))
+    with tensor parallelism, /t on all of it with sequence parallelism; selective recompute drops the
+    5as/h term and full recompute keeps only the layer input, 2sbh;
+  * the pipeline: under 1F1B the first stage holds pp micro-batches in flight, and the interleaved
+    schedule multiplies that by (1 + (pp-1)/(pp*v)) (Korthikanti et al. 2022, sec. 4.2.3).
+
+The parameter inventory lists every tensor with its shape and the dimension tensor parallelism shards, so the
+per-rank counts are exact (they are checked against the dry run's real DTensor shards)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+from scaletrain.configs.schema import ModelConfig
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate way to run: the degrees, ZeRO stage, micro batch and recompute mode."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    pp_virtual: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    recompute: str = "none"  # none | selective | full
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    name: str
+    shape: tuple
+    tp_dim: Optional[int]  # dimension tensor parallelism shards; None: replicated on every TP rank
+    part: str  # "embed" (first stage) | "layer" | "head" (last stage)
+    layer: int = -1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter inventory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _norm(prefix: str, width: int, cfg: ModelConfig, part: str, layer: int = -1) -> List[ParamTensor]:
+    out = [ParamTensor(f"{prefix}.weight", (width,), None, part, layer)]
+    if cfg.norm == "layernorm":
+        out.append(ParamTensor(f"{prefix}.bias", (width,), None, part, layer))
+    return out
+
+
+def _linear(prefix: str, fan_out: int, fan_in: int, style: str, cfg: ModelConfig, part: str,
+            layer: int = -1) -> List[ParamTensor]:
+    """style 'col' shards the output features (and bias), 'row' the input features (bias replicated)."""
+    weight_dim = {"col": 0, "row": 1, "none": None}[style]
+    out = [ParamTensor(f"{prefix}.weight", (fan_out, fan_in), weight_dim, part, layer)]
+    if cfg.bias:
+        out.append(ParamTensor(f"{prefix}.bias", (fan_out,), 0 if style == "col" else None, part, layer))
+    return out
+
+
+def _attention(prefix: str, cfg: ModelConfig, layer: int) -> List[ParamTensor]:
+    inner = cfg.n_heads * cfg.head_dim
+    out: List[ParamTensor] = []
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        out += _linear(f"{prefix}.{proj}", inner, cfg.d_model, "col", cfg, "layer", layer)
+    return out + _linear(f"{prefix}.out_proj", cfg.d_model, inner, "row", cfg, "layer", layer)
+
+
+def _block(prefix: str, cfg: ModelConfig, layer: int, cross: bool) -> List[ParamTensor]:
+    out = _norm(f"{prefix}.attn_norm", cfg.d_model, cfg, "layer", layer) + _attention(f"{prefix}.attn", cfg, layer)
+    if cross:
+        out += _norm(f"{prefix}.cross_attn_norm", cfg.d_model, cfg, "layer", layer)
+        out += _attention(f"{prefix}.cross_attn", cfg, layer)
+    out += _norm(f"{prefix}.mlp_norm", cfg.d_model, cfg, "layer", layer)
+    out += _linear(f"{prefix}.mlp.fc_in", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
+    if cfg.activation.startswith("gated"):
+        out += _linear(f"{prefix}.mlp.fc_gate", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
+    return out + _linear(f"{prefix}.mlp.fc_out", cfg.d_model, cfg.ffn_dim, "row", cfg, "layer", layer)
+
+
+def _stack_embeddings(prefix: str, cfg: ModelConfig, part: str, layer: int) -> List[ParamTensor]:
+    d, out = cfg.d_model, []
+    if cfg.position == "learned":
+        out.append(ParamTensor(f"{prefix}pos_embeddings.weight", (cfg.max_seq_len + cfg.position_offset, d), 0,
+                               part, layer))
+    if cfg.position == "relative":
+        out.append(ParamTensor(f"{prefix}relative_bias.weight", (cfg.relative_buckets, cfg.n_heads), 1, part, layer))
+    if cfg.type_vocab_size:
+        out.append(ParamTensor(f"{prefix}type_embeddings.weight", (cfg.type_vocab_size, d), 0, part, layer))
+    if cfg.embedding_norm:
+        out += _norm(f"{prefix}embedding_norm", d, cfg, part, layer)
+    return out
+
+
+def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
+    """Every parameter tensor of the model, in layer order. Layer ids run over the encoder then the decoder
+    for encoder-decoder models, which is how the pipeline split counts them. The vocabulary is padded to a
+    multiple of pad_vocab_multiple x tp, as the trainer does."""
+    vocab, d = cfg.padded_vocab_size(tp), cfg.d_model
+    out = [ParamTensor("tok_embeddings.weight", (vocab, d), 0, "embed")]
+    if cfg.family != "encdec":
+        out += _stack_embeddings("", cfg, "embed", -1)
+        for i in range(cfg.n_layers):
+            out += _block(f"layers.{i}", cfg, i, cross=False)
+        if cfg.final_norm:
+            out += _norm("final_norm", d, cfg, "head")
+        return out + _heads(cfg, vocab)
+    # Encoder-decoder: each stack has its own positions / embedding norm / relative bias; the decoder's sit
+    # with its first layer, whichever pipeline stage that is.
+    out += _stack_embeddings("encoder.", cfg, "embed", -1)
+    for i in range(cfg.n_layers):
+        out += _block(f"encoder.layers.{i}", cfg, i, cross=False)
+    if cfg.final_norm:
+        out += _norm("encoder.final_norm", d, cfg, "layer", cfg.n_layers - 1)
+    out += _stack_embeddings("decoder.", cfg, "layer", cfg.n_layers)
+    for j in range(cfg.decoder_layers):
+        out += _block(f"decoder.layers.{j}", cfg, cfg.n_layers + j, cross=True)
+    if cfg.final_norm:
+        out += _norm("decoder.final_norm", d, cfg, "head")
+    return out + _heads(cfg, vocab)
+
+
+def _heads(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
+    d = cfg.d_model
+    out: List[ParamTensor] = []
+    if cfg.family == "bert":
+        out += _linear("mlm_head.dense", d, d, "none", cfg, "head") + _norm("mlm_head.norm", d, cfg, "head")
+        out.append(ParamTensor("mlm_head.decoder.bias", (vocab,), 0, "head"))
+        if cfg.pooler:
+            out += _linear("pooler.dense", d, d, "none", cfg, "head")
+        if cfg.nsp_head:
+            out += _linear("nsp_head", 2, d, "none", cfg, "head")
+    if not cfg.tie_embeddings:
+        out.append(ParamTensor("lm_head.weight", (vocab, d), 0, "head"))
+    if cfg.num_labels > 0:
+        out += _linear("classifier", cfg.num_labels, d, "none", cfg, "head")
+    return out
+
+
+def total_layers(cfg: ModelConfig) -> int:
+    return cfg.n_layers + (cfg.decoder_layers if cfg.family == "encdec" else 0)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Total parameters (tied embeddings counted once), unpadded vocabulary."""
+    padded = cfg.padded_vocab_size(1)
+    unpadded = cfg.vocab_size
+    total = 0
+    for tensor in parameter_inventory(cfg):
+        shape = list(tensor.shape)
+        if tensor.tp_dim == 0 and shape[0] == padded and tensor.name.split(".")[0] in ("tok_embeddings", "lm_head",
+                                                                                     "mlm_head"):
+            shape[0] = unpadded
+        total += math.prod(shape)
+    return total
+
+
+def non_embedding_parameters(cfg: ModelConfig) -> int:
+    """Kaplan et al. 2020's N: everything except token and position embeddings."""
+    embedding = sum(t.numel for t in parameter_inventory(cfg) if t.name.endswith("pos_embeddings.weight"))
+    tied_vocab = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return count_parameters(cfg) - embedding - tied_vocab
+
+
+def stage_of_layer(layer: int, n_layers: int, pp: int, pp_virtual: int = 1) -> int:
+    """Layers split evenly into pp * v chunks; chunk c runs on stage c % pp (interleaved placement)."""
+    chunks = pp * pp_virtual
+    chunk = layer * chunks // n_layers
+    return chunk % pp
+
+
+def _chunk(size: int, parts: int, index: int) -> int:
+    """Length of piece `index` when `size` is cut into `parts` pieces of ceil(size/parts) (torch.chunk,
+    DTensor Shard and FSDP2 all cut this way; the last pieces may be short or empty)."""
+    piece = -(-size // parts)
+    return max(0, min(piece, size - index * piece))
+
+
+def _tp_local_shape(tensor: ParamTensor, tp: int, tp_rank: int) -> tuple:
+    """Shape on one TP rank. A table whose rows do not divide by tp stays replicated (parallel/tensor.py)."""
+    shape = list(tensor.shape)
+    if tensor.tp_dim is not None and tp > 1 and shape[tensor.tp_dim] % tp == 0:
+        shape[tensor.tp_dim] = _chunk(shape[tensor.tp_dim], tp, tp_rank)
+    return tuple(shape)
+
+
+_INVENTORIES: dict = {}
+
+
+def _cached_inventory(cfg: ModelConfig, tp: int) -> List[ParamTensor]:
+    """The planner asks for the same model's inventory for thousands of layouts; key on the config's repr
+    (ModelConfig is mutable, hence unhashable)."""
+    key = (repr(cfg), tp)
+    if key not in _INVENTORIES:
+        if len(_INVENTORIES) > 64:
+            _INVENTORIES.clear()
+        _INVENTORIES[key] = parameter_inventory(cfg, tp)
+    return _INVENTORIES[key]
+
+
+def stage_tensors(cfg: ModelConfig, layout: Layout, stage: int) -> List[ParamTensor]:
+    """The tensors pipeline stage `stage` holds. The last stage keeps its own copy of a tied output
+    embedding when pp > 1 (it cannot share memory with the first stage)."""
+    n_layers, inventory = total_layers(cfg), _cached_inventory(cfg, layout.tp)
+    held = []
+    for tensor in inventory:
+        if tensor.part == "embed":
+            keep = stage == 0
+        elif tensor.part == "head":
+            keep = stage == layout.pp - 1
+        else:
+            keep = stage_of_layer(tensor.layer, n_layers, layout.pp, layout.pp_virtual) == stage
+        if keep:
+            held.append(tensor)
+    if cfg.tie_embeddings and layout.pp > 1 and stage == layout.pp - 1:
+        held.append(inventory[0])
+    return held
+
+
+def stage_parameters(cfg: ModelConfig, layout: Layout, stage: int, tp_rank: int = 0) -> int:
+    """Parameters held by one (tp rank, pp stage) before ZeRO sharding."""
+    return sum(math.prod(_tp_local_shape(t, layout.tp, tp_rank)) for t in stage_tensors(cfg, layout, stage))
+
+
+def rank_state_elements(cfg: ModelConfig, layout: Layout, stage: int = 0, tp_rank: int = 0,
+                        dp_rank: int = 0) -> tuple:
+    """(parameter, gradient, optimizer-state) elements on one rank, cut the way parallel/data.py cuts them:
+    ZeRO-1's optimizer state and ZeRO-2/3's (FSDP2) shards take dim 0 of each tensor (its TP-local shape) in
+    ceil(rows/dp) pieces; ZeRO-2 keeps the gathered parameters through backward, so its parameter count is
+    the unsharded one. Optimizer elements count one state tensor."""
+    dp = layout.dp
+    params = grads = states = 0
+    for tensor in stage_tensors(cfg, layout, stage):
+        shape = _tp_local_shape(tensor, layout.tp, tp_rank)
+        full = math.prod(shape)
+        rows = _chunk(shape[0], dp, dp_rank) * (full // shape[0]) if shape[0] else 0
+        if layout.zero == 0 or dp == 1:
+            p, g, o = full, full, full
+        elif layout.zero == 1:
+            p, g, o = full, full, rows
+        elif layout.zero == 2:
+            p, g, o = full, rows, rows
+        else:
+            p, g, o = rows, rows, rows
+        params, grads, states = params + p, grads + g, states + o
+    return params, grads, states
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model states (ZeRO) and activations (Korthikanti)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def state_bytes_per_param(precision: str) -> tuple:
+    """(parameter, gradient, optimizer) bytes per parameter. Mixed precision: 16-bit weights and grads, fp32
+    master weights + Adam m and v = 12 bytes (ZeRO paper's K=12). fp32: 4 + 4 + 8 (m and v)."""
+    return (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+
+
+def model_state_bytes(elements: tuple, precision: str) -> tuple:
+    """(parameters, gradients, optimizer state) bytes from rank_state_elements' counts."""
+    p_bytes, g_bytes, o_bytes = state_bytes_per_param(precision)
+    return elements[0] * p_bytes, elements[1] * g_bytes, elements[2] * o_bytes
+
+
+def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
+                           sequence_parallel: bool = False, recompute: str = "none", *, ffn: Optional[int] = None,
+                           head_dim: Optional[int] = None, gated: bool = False, dropout: bool = True,
+                           scores_stored: bool = True, value_bytes: int = 2, cross_attention: bool = False,
+                           selective_policy: str = "korthikanti", mask_bytes: int = 1,
+                           sp_keeps_gathered_inputs: bool = False) -> float:
+    """Bytes one transformer layer keeps for backward, for one micro-batch (Korthikanti et al. 2022, sec. 4.1).
+
+    With the defaults (ffn = 4h, dropout, attention scores materialized, 16-bit values) this is exactly
+    sbh(34 + 5as/h) at t=1, sbh(10 + 24/t + 5as/(ht)) with TP and sbh(34 + 5as/h)/t with TP+SP. The keyword
+    arguments generalize the same bookkeeping to other widths, gated MLPs, no dropout, fused attention that
+    keeps only a log-sum-exp (scores_stored=False) and fp32 activations (value_bytes=4).
+
+    Selective recompute: "korthikanti" recomputes the attention core only (drops the s x s terms);
+    "matmul_outputs" is parallel/checkpointing.py's policy, which keeps only the block input and the outputs
+    of the matmuls and attention kernels and recomputes every element-wise op.
+    mask_bytes: 1 for CUDA's fused dropout (bool masks), value_bytes on CPU (a float mask times the input).
+    sp_keeps_gathered_inputs: under SP, Megatron keeps only the sequence shard of the attention/MLP inputs and
+    redoes the all-gather in backward (Korthikanti's /t); DTensor's ColwiseParallel keeps the gathered input."""
+    s, b, h, a, t = seq, micro_batch, hidden, heads, tp
+    ffn = ffn or 4 * h
+    inner = a * (head_dim or h // a)
+    mask = mask_bytes if dropout else 0  # CUDA's fused dropout keeps bool masks; CPU keeps them in the value dtype
+    sbh = s * b * h
+    # Replicated on every TP rank unless SP shards them over the sequence: the two norm inputs, the
+    # attention input, the MLP input (each one value) and two dropout masks.
+    replicated = sbh * (4 * value_bytes + 2 * mask)
+    # Split over heads / FFN columns: Q, K, V, the attention context, and the activation's input and output
+    # (3 tensors when gated: up, gate and act(gate)).
+    split = s * b * (4 * inner + (3 if gated else 2) * ffn) * value_bytes / t
+    # Softmax output, plus with dropout its mask and its output (5as²b at 2 bytes); a fused kernel keeps
+    # only an fp32 log-sum-exp per row.
+    per_score = value_bytes + (mask + value_bytes if dropout else 0)
+    scores = (a * s * s * b * per_score if scores_stored else a * s * b * 4) / t
+    if cross_attention:  # norm input, query, context, mask, plus K/V of the encoder states
+        replicated += sbh * (2 * value_bytes + mask)
+        split += s * b * 4 * inner * value_bytes / t
+        scores *= 2
+    if sequence_parallel:
+        gathered = 2 * sbh * value_bytes  # attention and MLP inputs after the all-gather
+        replicated = (replicated - gathered) / t + (gathered if sp_keeps_gathered_inputs else gathered / t)
+    if recompute == "full":
+        return sbh * value_bytes / (t if sequence_parallel else 1)
+    if recompute == "selective" and selective_policy == "matmul_outputs":
+        return _matmul_outputs_bytes(s, b, h, a, t, sequence_parallel, ffn, inner, gated, scores_stored,
+                                     value_bytes, cross_attention)
+    if recompute == "selective":
+        scores = 0.0
+    return replicated + split + scores
+
+
+def _matmul_outputs_bytes(s, b, h, a, t, sequence_parallel, ffn, inner, gated, scores_stored, value_bytes,
+                          cross_attention) -> float:
+    """Kept by the matmul-outputs policy: the block input (sharded under SP), Q, K, V and the attention
+    output (split over heads), the two row-parallel outputs (full-size partial sums before the reduce), the
+    FFN matmul outputs (split), and the attention kernel's saved statistics: the s x s product of the math
+    path, or a log-sum-exp per row for fused kernels."""
+    sbh = s * b * h
+    kept = sbh * (1 / (t if sequence_parallel else 1) + 2) + s * b * (4 * inner + (2 if gated else 1) * ffn) / t
+    stats = a * s * s * b / t if scores_stored else a * s * b * 4 / value_bytes / t  # in values
+    if cross_attention:  # the residual entering cross-attention, its Q/K/V/output, and its row-parallel output
+        kept += sbh * 2 + s * b * 4 * inner / t
+        stats *= 2
+    return (kept + stats) * value_bytes
+
+
+@dataclass
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+
+    def as_gib(self) -> dict:
+        return {k: getattr(self, k) / GIB for k in ("params", "grads", "optimizer", "activations", "buffers", "total")}
+
+
+def in_flight_microbatches(layout: Layout, microbatches: int) -> float:
+    """Micro-batches whose activations the first stage holds at its peak, in units of its whole share of layers:
+    pp under 1F1B, times (1 + (pp-1)/(pp*v)) when interleaved; never more than there are micro-batches."""
+    if layout.pp == 1:
+        return 1.0
+    factor = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.pp_virtual)) if layout.pp_virtual > 1 else layout.pp
+    return min(factor, microbatches)
+
+
+def activation_kwargs(cfg: ModelConfig, precision: str, scores_stored: bool, device: str = "cuda") -> dict:
+    value_bytes = 4 if precision == "fp32" else 2
+    return dict(mask_bytes=value_bytes if device == "cpu" else 1, ffn=cfg.ffn_dim, head_dim=cfg.head_dim, gated=cfg.activation.startswith("gated"),
+                dropout=cfg.dropout > 0 or cfg.attn_dropout > 0, scores_stored=scores_stored,
+                value_bytes=value_bytes, selective_policy="matmul_outputs", sp_keeps_gathered_inputs=True)
+
+
+def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, stage: int,
+                 precision: str = "bf16", scores_stored: bool = False,
+                 elements: Optional[tuple] = None, device: str = "cuda") -> MemoryEstimate:
+    """Peak memory of rank 0 of pipeline stage `stage` (ceil-sized shards: the largest). scores_stored=False
+    models a fused (flash) attention kernel, which keeps a log-sum-exp per row instead of the s x s scores.
+    `elements` (rank_state_elements of this stage) may be passed in by callers that cache it."""
+    elements = rank_state_elements(cfg, layout, stage) if elements is None else elements
+    params = stage_parameters(cfg, layout, stage) if layout.zero >= 3 else elements[0]
+    p, g, o = model_state_bytes(elements, precision)
+    n_layers = total_layers(cfg)
+    layers_here = n_layers / layout.pp
+    microbatches = global_batch // (layout.dp * layout.micro_batch)
+    kwargs = activation_kwargs(cfg, precision, scores_stored, device)
+    value_bytes = kwargs["value_bytes"]
+    per_layer = layer_activation_bytes(seq, layout.micro_batch, cfg.d_model, cfg.n_heads, layout.tp,
+                                       layout.sequence_parallel, layout.recompute, **kwargs)
+    in_flight = in_flight_microbatches(layout, microbatches) if stage == 0 else max(
+        1.0, min(layout.pp - stage, microbatches))
+    activations = per_layer * layers_here * in_flight
+    sbh = seq * layout.micro_batch * cfg.d_model
+    buffers = 0.0
+    if layout.recompute != "none":  # one layer's full activations while it is recomputed in backward
+        buffers += layer_activation_bytes(seq, layout.micro_batch, cfg.d_model, cfg.n_heads, layout.tp,
+                                          layout.sequence_parallel, "none", **kwargs)
+    if stage == 0:  # embedding output (+ dropout mask), per micro-batch in flight
+        activations += sbh * (value_bytes + 1) * in_flight / (layout.tp if layout.sequence_parallel else 1)
+    if stage == layout.pp - 1:  # logits in 16-bit plus their fp32 copy for the cross-entropy (Korthikanti 4sbv/t)
+        vocab = cfg.padded_vocab_size(layout.tp)
+        buffers += seq * layout.micro_batch * vocab / layout.tp * (value_bytes + 4)
+    if layout.zero >= 3:  # FSDP all-gathers one layer while prefetching the next, and its unsharded grads
+        layer_params = params / max(layers_here, 1)
+        buffers += layer_params * (2 * value_bytes + 4)
+    return MemoryEstimate(p, g, o, activations, buffers)
+
+
+def peak_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, precision: str = "bf16",
+                scores_stored: bool = False, stage_elements: Optional[dict] = None,
+                device: str = "cuda") -> MemoryEstimate:
+    """The worst stage: the first one holds the most activations, the last one the logits."""
+    stage_elements = stage_elements or {}
+    estimates = [stage_memory(cfg, layout, seq, global_batch, s, precision, scores_stored, stage_elements.get(s),
+                              device)
+                 for s in sorted({0, layout.pp - 1})]
+    return max(estimates, key=lambda m: m.total)
+

@@ -1,0 +1,139 @@
+"""`scaletrain scaling fit <sweep folder> [--bootstrap 100] [--out DIR]` and
+`scaletrain scaling optimal --compute 1e21 [--inference-tokens 1e12] [--fit fit.json]`.
+
+The sweep folder is a Hydra multirun directory of `scaletrain train` jobs. Its summary.csv (train/summary.py)
+gives each job's tokens and final validation loss; N comes from the summary's `params` /
+`non_embedding_params` columns when present, else from the job's own composed config (.hydra/config.yaml)
+through the planner's exact parameter inventory. Compute is C = 6·N·D with N the total parameters."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import List
+
+from omegaconf import OmegaConf
+
+from scaletrain.configs.schema import ModelConfig
+from scaletrain.plan.memory import count_parameters, non_embedding_parameters
+from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, ScalingFitError, bootstrap_chinchilla,
+                                    fit_chinchilla, kaplan_fits)
+from scaletrain.scaling.optimal import chinchilla_optimal, inference_aware_optimal
+
+SUMMARY_FILE = "summary.csv"
+FIT_FILE = "scaling_fit.json"
+LOSS_COLUMNS = ("val_loss", "final_val_loss", "eval_loss")
+
+
+def _model_config(job_dir: Path) -> ModelConfig:
+    config_file = job_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise ScalingFitError(f"{config_file} is missing; the sweep's summary names a job without its Hydra config")
+    model = OmegaConf.to_container(OmegaConf.load(config_file).model, resolve=True)
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
+
+def read_sweep(sweep_dir: Path) -> List[Run]:
+    summary = sweep_dir / SUMMARY_FILE
+    if not summary.is_file():
+        raise ScalingFitError(f"{summary} not found; point at a `scaletrain train --multirun` folder "
+                              f"(it writes {SUMMARY_FILE} when the sweep ends)")
+    runs = []
+    with open(summary, newline="") as handle:
+        for row in csv.DictReader(handle):
+            loss = next((row[c] for c in LOSS_COLUMNS if row.get(c) not in (None, "")), None)
+            if row.get("status") != "ok" or loss is None or not row.get("tokens"):
+                continue
+            if row.get("params") and row.get("non_embedding_params"):
+                params, non_embedding = float(row["params"]), float(row["non_embedding_params"])
+            else:
+                cfg = _model_config(sweep_dir / row["job"])
+                params, non_embedding = count_parameters(cfg), non_embedding_parameters(cfg)
+            if math.isfinite(float(loss)):
+                runs.append(Run(row["job"], params, non_embedding, float(row["tokens"]), float(loss)))
+    if len(runs) < 5:
+        raise ScalingFitError(f"{summary} has {len(runs)} finished runs with a validation loss; a fit needs at "
+                              f"least 5 (check the failed jobs' logs)")
+    return runs
+
+
+def fit_command(args) -> int:
+    from scaletrain.scaling.plots import plot_all
+
+    runs = read_sweep(args.sweep)
+    out = args.out or args.sweep
+    kaplan = kaplan_fits(runs)
+    law = fit_chinchilla(runs)
+    intervals = bootstrap_chinchilla(runs, law, samples=args.bootstrap) if args.bootstrap else {}
+    print(f"{len(runs)} runs; N = total parameters (Kaplan: non-embedding), D = tokens, C = 6·N·D")
+    for name, power in kaplan.items():
+        x = "N_c" if name == "L(N)" else "D_c"
+        print(f"Kaplan {name} = ({x}/x)^alpha: alpha = {power.alpha:.4f}, {x} = {power.scale:.4g}")
+    print("Chinchilla L(N, D) = E + A/N^alpha + B/D^beta (90% bootstrap intervals):")
+    for key, value in law.to_dict().items():
+        interval = f"  [{intervals[key][0]:.4g}, {intervals[key][1]:.4g}]" if key in intervals else ""
+        print(f"  {key:>5} = {value:.4g}{interval}")
+    a = law.beta / (law.alpha + law.beta)
+    print(f"compute-optimal: N* ∝ C^{a:.3f}, D* ∝ C^{1 - a:.3f}")
+    budgets = sorted({10 ** round(math.log10(r.compute)) for r in runs} | {1e21, 1e23})
+    for c in budgets:
+        n, d = law.optimal(c)
+        print(f"  C = {c:.0e}: N* = {n:.3g}, D* = {d:.3g}, {d / n:.1f} tokens/param, loss {law(n, d):.4f}")
+    document = {"chinchilla": law.to_dict(), "intervals": intervals,
+                "kaplan": {k: {"alpha": v.alpha, "scale": v.scale} for k, v in kaplan.items()},
+                "runs": [vars(r) for r in runs]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FIT_FILE).write_text(json.dumps(document, indent=2))
+    for path in plot_all(runs, law, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / FIT_FILE}")
+    return 0
+
+
+def load_law(path: Path | None) -> ChinchillaLaw:
+    if path is None:
+        return CHINCHILLA_PUBLISHED
+    if not path.is_file():
+        raise ScalingFitError(f"--fit {path} not found; run `scaletrain scaling fit <sweep>` first")
+    return ChinchillaLaw(**json.loads(path.read_text())["chinchilla"])
+
+
+def optimal_command(args) -> int:
+    law = load_law(args.fit)
+    if args.compute <= 0:
+        raise ScalingFitError(f"--compute {args.compute} must be a positive FLOP count, e.g. 1e21")
+    source = str(args.fit) if args.fit else "Hoffmann et al. 2022 (E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)"
+    print(f"law: {source}")
+    base = chinchilla_optimal(law, args.compute, args.inference_tokens)
+    print(f"training-optimal at C = {args.compute:.3g}: N = {base.params:.4g}, D = {base.tokens:.4g} "
+          f"({base.tokens_per_param:.1f} tokens/param), loss {base.loss:.4f}")
+    if args.inference_tokens:
+        best = inference_aware_optimal(law, args.compute, args.inference_tokens)
+        print(f"with {args.inference_tokens:.3g} inference tokens (same loss, fewest training + inference FLOPs): "
+              f"N = {best.params:.4g}, D = {best.tokens:.4g} ({best.tokens_per_param:.1f} tokens/param)")
+        print(f"  FLOPs: training {best.training_flops:.4g} + inference {best.inference_flops:.4g} = "
+              f"{best.total_flops:.4g} (training-optimal model: {base.total_flops:.4g}, "
+              f"{1 - best.total_flops / base.total_flops:.1%} saved)")
+    return 0
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scaletrain scaling")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit Kaplan and Chinchilla laws to a sweep folder, write PNGs")
+    fit.add_argument("sweep", type=Path)
+    fit.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for intervals (0: none)")
+    fit.add_argument("--out", type=Path, default=None, help="where the PNGs and fit JSON go (default: the sweep)")
+    opt = sub.add_parser("optimal", help="compute-optimal N and D for a FLOP budget")
+    opt.add_argument("--compute", type=float, required=True)
+    opt.add_argument("--inference-tokens", type=float, default=0.0)
+    opt.add_argument("--fit", type=Path, default=None, help=f"a {FIT_FILE} (default: Hoffmann et al.'s constants)")
+    args = parser.parse_args(argv)
+    if args.command == "fit" and not args.sweep.is_dir():
+        raise ScalingFitError(f"{args.sweep} is not a folder; pass the multirun folder of the sweep")
+    return fit_command(args) if args.command == "fit" else optimal_command(args)

@@ -1,0 +1,118 @@
+"""Scaling-law fits against synthetic data drawn from known laws, the closed-form optimum against brute
+force, and `scaletrain scaling fit/optimal` end to end on a sweep folder laid out like a real multirun."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from scaletrain import cli
+from scaletrain.configs.schema import ModelConfig
+from scaletrain.plan.memory import count_parameters, non_embedding_parameters
+from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, bootstrap_chinchilla, fit_chinchilla,
+                                    fit_power_law, kaplan_fits)
+from scaletrain.scaling.optimal import chinchilla_optimal, inference_aware_optimal, tokens_for_loss
+
+
+def synthetic_runs(seed: int, noise: float = 0.01):
+    """A 9 x 9 grid of sizes and budgets spanning Hoffmann et al.'s range and beyond, loss x (1 + 1% noise)."""
+    rng = np.random.default_rng(seed)
+    return [Run(f"n{n:.0e}_d{d:.0e}", n, n, d, float(CHINCHILLA_PUBLISHED(n, d) * (1 + noise * rng.standard_normal())))
+            for n in np.geomspace(1e7, 1e11, 9) for d in np.geomspace(1e9, 1e13, 9)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chinchilla_fit_recovers_the_published_constants_from_1_percent_noise(seed):
+    law = fit_chinchilla(synthetic_runs(seed))
+    assert law.alpha == pytest.approx(0.34, abs=0.03)
+    assert law.beta == pytest.approx(0.28, abs=0.03)
+    assert law.E == pytest.approx(1.69, abs=0.05)
+
+
+def test_noiseless_fit_is_exact_and_bootstrap_intervals_cover_the_truth():
+    runs = synthetic_runs(0, noise=0.0)
+    law = fit_chinchilla(runs)
+    for key, value in CHINCHILLA_PUBLISHED.to_dict().items():
+        assert getattr(law, key) == pytest.approx(value, rel=1e-3)
+    noisy = synthetic_runs(3)
+    intervals = bootstrap_chinchilla(noisy, fit_chinchilla(noisy), samples=12, seed=0, coverage=0.98)
+    assert intervals["alpha"][0] < intervals["alpha"][1] and intervals["E"][0] < intervals["E"][1]
+    assert intervals["alpha"][0] - 0.02 < 0.34 < intervals["alpha"][1] + 0.02
+
+
+def test_kaplan_power_laws_recover_their_exponents():
+    n = np.geomspace(1e6, 1e9, 6)
+    law = fit_power_law(n, (8.8e13 / n) ** 0.076)  # Kaplan et al. 2020, eq. 1.1
+    assert law.alpha == pytest.approx(0.076) and law.scale == pytest.approx(8.8e13, rel=1e-6)
+    runs = [Run("r", x, x, d, float((8.8e13 / x) ** 0.076 if d == 1e12 else (5.4e13 / d) ** 0.095))
+            for x in n for d in (1e9, 1e12)]
+    fits = kaplan_fits(runs)
+    assert fits["L(N)"].alpha == pytest.approx(0.076)
+
+
+def test_compute_optimal_matches_brute_force_and_inference_shrinks_the_model():
+    law = CHINCHILLA_PUBLISHED
+    n_star, d_star = law.optimal(1e21)
+    sizes = np.geomspace(1e7, 1e12, 20001)
+    brute = sizes[np.argmin(law(sizes, 1e21 / (6 * sizes)))]
+    assert n_star == pytest.approx(brute, rel=2e-3) and 6 * n_star * d_star == pytest.approx(1e21)
+    base = chinchilla_optimal(law, 1e21)
+    same = inference_aware_optimal(law, 1e21, 0.0)
+    assert same.params == pytest.approx(base.params, rel=1e-3)
+    served = inference_aware_optimal(law, 1e21, 1e12)
+    assert served.params < base.params and served.tokens > base.tokens
+    assert law(served.params, served.tokens) == pytest.approx(base.loss, rel=1e-9)
+    assert served.total_flops < chinchilla_optimal(law, 1e21, 1e12).total_flops
+    assert tokens_for_loss(law, 1e6, base.loss) == math.inf
+
+
+def write_sweep(root, law: ChinchillaLaw, seed: int = 0):
+    """A multirun folder as `scaletrain train -m` leaves it: job folders with .hydra/config.yaml, and the
+    summary.csv of train/summary.py (job, status, overrides, tokens, val_loss, ...)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, (width, layers) in enumerate([(32, 2), (48, 2), (64, 3), (96, 3), (128, 4), (192, 4)]):
+        for j, tokens in enumerate([2e6, 8e6, 3.2e7]):
+            job = f"{i * 3 + j}"
+            model = ModelConfig(name="gpt_tiny", vocab_size=512, d_model=width, n_layers=layers, n_heads=4,
+                                max_seq_len=128)
+            (root / job / ".hydra").mkdir(parents=True)
+            (root / job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": vars(model)}))
+            loss = float(law(count_parameters(model), tokens) * (1 + 0.005 * rng.standard_normal()))
+            rows.append({"job": job, "status": "ok", "overrides": f"model.d_model={width}", "tokens": int(tokens),
+                         "val_loss": loss, "step": 10})
+    rows.append({"job": "99", "status": "failed (no final metrics)", "overrides": "", "tokens": "", "val_loss": "",
+                 "step": ""})
+    with open(root / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_scaling_fit_cli_reads_a_sweep_and_writes_pngs(tmp_path, capsys):
+    law = ChinchillaLaw(E=1.5, A=60.0, B=300.0, alpha=0.35, beta=0.3)
+    write_sweep(tmp_path, law)
+    assert cli.main(["scaling", "fit", str(tmp_path), "--bootstrap", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "18 runs" in out and "tokens/param" in out
+    fit = json.loads((tmp_path / "scaling_fit.json").read_text())
+    assert fit["chinchilla"]["alpha"] == pytest.approx(0.35, abs=0.1)
+    model = ModelConfig(name="x", vocab_size=512, d_model=32, n_layers=2, n_heads=4, max_seq_len=128)
+    assert fit["runs"][0]["non_embedding_params"] == non_embedding_parameters(model)
+    for name in ("loss_vs_params.png", "iso_flop.png", "frontier.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert cli.main(["scaling", "optimal", "--compute", "1e21", "--inference-tokens", "1e12", "--fit",
+                     str(tmp_path / "scaling_fit.json")]) == 0
+    assert "inference" in capsys.readouterr().out
+
+
+def test_scaling_cli_user_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["scaling", "fit", str(tmp_path / "missing")]) == 2
+    assert cli.main(["scaling", "fit", str(tmp_path)]) == 2  # no summary.csv
+    assert cli.main(["scaling", "optimal", "--compute", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "summary.csv" in err
