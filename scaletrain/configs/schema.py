@@ -136,6 +136,11 @@ class DataConfig:
     nsp: bool = False
     noise_density: float = 0.15
     mean_span_length: float = 3.0
+    span_geometric_p: float = 0.2  # span_bert: span length in words ~ Geometric(p) clipped at span_max_words
+    span_max_words: int = 10
+    bart_mask_ratio: float = 0.3  # bart_denoise: share of tokens in Poisson(bart_poisson_lambda) spans
+    bart_poisson_lambda: float = 3.0
+    bart_permute_sentences: bool = True
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
     val_fraction: float = 0.02
@@ -150,6 +155,10 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
         _check(self.tokenizer_vocab > 0 and self.num_workers >= 0,
                "data.tokenizer_vocab must be positive and data.num_workers >= 0")
+        _check(0.0 < self.span_geometric_p < 1.0 and self.span_max_words >= 1,
+               "data.span_geometric_p must be in (0, 1) and data.span_max_words >= 1")
+        _check(0.0 < self.bart_mask_ratio < 1.0 and self.bart_poisson_lambda > 0,
+               "data.bart_mask_ratio must be in (0, 1) and data.bart_poisson_lambda > 0")
 
 
 @dataclass
@@ -198,6 +207,12 @@ class ParallelConfig:
         _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "param"))
         _choice("parallel.pp_schedule", self.pp_schedule,
                 ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"))
+        _check(self.pp_schedule not in ("gpipe", "1f1b") or self.pp_virtual == 1,
+               f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank but parallel.pp_virtual="
+               f"{self.pp_virtual}; set pp_virtual=1 or pick interleaved_1f1b / looped_bfs / interleaved_zb")
+        _check(self.pp_schedule not in ("zbv", "dualpipev") or self.pp_virtual == 2,
+               f"parallel.pp_schedule={self.pp_schedule} needs exactly 2 virtual stages per rank; "
+               f"set parallel.pp_virtual=2 (it is {self.pp_virtual})")
 
 
 @dataclass

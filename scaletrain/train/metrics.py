@@ -1,0 +1,122 @@
+"""Model FLOPs per family (attention included), throughput, MFU and peak memory.
+
+FLOPs count multiply-adds as 2 and only matmuls (norms, softmax and activations are a few % at most).
+Notation per layer: d = d_model, a = n_heads * head_dim (the attention width), f = FFN width,
+g = 3 if the FFN is gated (fc_in, fc_gate, fc_out) else 2, V = padded vocab, T = sequence length.
+
+  attention projections, per token:  2 * d * 3a (q, k, v)  +  2 * a * d (out)
+  attention itself, per query token: 2 * T_k * a (Q K^T)   +  2 * T_k * a (probs V)
+      counted over all T_k keys even under a causal mask, as PaLM's and Megatron's MFU do: the model
+      FLOPs of a layout do not depend on whether the kernel skips the masked half.
+  MLP, per token:                    2 * d * f * g
+  output projection, per token:      2 * d * V  (BERT's MLM head adds its d x d dense transform)
+
+  decoder-only (GPT):  T tokens through n_layers layers, keys T, output projection on every token.
+  encoder-only (BERT): the same with bidirectional attention, plus the MLM transform; the pooler and
+                       NSP head are per sequence (2 * d * d + 2 * d * 2) and counted too.
+  encoder-decoder:     T_enc tokens through n_layers encoder layers (keys T_enc); T_dec tokens through
+                       the decoder layers: self-attention (keys T_dec), cross-attention q/out on decoder
+                       tokens, cross k/v projections on the T_enc encoder outputs (once per decoder layer),
+                       cross scores over T_enc keys; the output projection on the T_dec tokens.
+
+Training = forward + backward = 3 x forward (backward computes gradients for inputs and weights). Recompute
+from activation checkpointing is not counted: MFU measures useful model FLOPs, not hardware FLOPs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from scaletrain.configs.schema import ModelConfig
+
+TRAINING_MULTIPLIER = 3
+
+
+def _layer_flops(d: int, a: int, f: int, gated: bool, tokens: int, keys: int) -> int:
+    """Forward FLOPs of one self-attention + MLP layer for `tokens` queries attending to `keys` keys."""
+    projections = 2 * d * 3 * a + 2 * a * d
+    attention = 4 * keys * a
+    mlp = 2 * d * f * (3 if gated else 2)
+    return tokens * (projections + attention + mlp)
+
+
+def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1) -> int:
+    """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length."""
+    d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
+    gated = cfg.activation.startswith("gated")
+    vocab = cfg.padded_vocab_size(tp)
+    if cfg.family == "gpt":
+        per_sequence = cfg.n_layers * _layer_flops(d, a, f, gated, seq_len, seq_len) + seq_len * 2 * d * vocab
+    elif cfg.family == "bert":
+        per_sequence = cfg.n_layers * _layer_flops(d, a, f, gated, seq_len, seq_len)
+        per_sequence += seq_len * (2 * d * d + 2 * d * vocab)  # MLM transform + tied decoder
+        per_sequence += (2 * d * d if cfg.pooler else 0) + (2 * d * 2 if cfg.nsp_head else 0)
+    else:
+        t_enc, t_dec = seq_len, decoder_len or seq_len
+        encoder = cfg.n_layers * _layer_flops(d, a, f, gated, t_enc, t_enc)
+        decoder_self = _layer_flops(d, a, f, gated, t_dec, t_dec)
+        cross = t_dec * (2 * d * a + 2 * a * d + 4 * t_enc * a) + t_enc * 2 * d * 2 * a
+        per_sequence = encoder + cfg.decoder_layers * (decoder_self + cross) + t_dec * 2 * d * vocab
+    return batch_size * per_sequence
+
+
+def training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1) -> int:
+    return TRAINING_MULTIPLIER * forward_flops(cfg, batch_size, seq_len, decoder_len, tp)
+
+
+def batch_flops(cfg: ModelConfig, batch: dict) -> int:
+    """Training FLOPs of one micro-batch from its tensor shapes (the same formula for every family)."""
+    batch_size, seq_len = batch["input_ids"].shape
+    decoder_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
+    return training_flops(cfg, batch_size, seq_len, decoder_len)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameters (Kaplan et al.: without token, position and type tables). Shared
+    (tied) parameters count once; sharded DTensor parameters count with their global size."""
+    total = non_embedding = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if "embeddings" not in name:
+            non_embedding += param.numel()
+    return {"params": total, "non_embedding_params": non_embedding}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+@dataclass
+class Throughput:
+    """Tokens, FLOPs and seconds of the training steps since the last report -> tokens/s, TFLOP/s per
+    device and MFU. Only step time counts (data loading included): evaluation and checkpoint saves are
+    not training throughput."""
+
+    peak_tflops: float  # per device, for the run's precision; 0 means unknown (MFU not reported)
+    world_size: int = 1
+    tokens: int = 0
+    flops: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, flops: int, seconds: float) -> None:
+        """`tokens` and `flops` of one step over all ranks."""
+        self.tokens += tokens
+        self.flops += flops
+        self.seconds += seconds
+
+    def report(self) -> dict[str, Optional[float]]:
+        """The window's rates; starts a new window."""
+        elapsed = max(self.seconds, 1e-9)
+        tflops_per_device = self.flops / elapsed / self.world_size / 1e12
+        metrics = {"tokens_per_s": self.tokens / elapsed, "tflops": tflops_per_device,
+                   "mfu": tflops_per_device / self.peak_tflops if self.peak_tflops > 0 else None}
+        self.tokens, self.flops, self.seconds = 0, 0, 0.0
+        return metrics

@@ -1,0 +1,341 @@
+"""The training loop. `Trainer(cfg)` builds everything in the order of design.md §3; `train()` runs it.
+
+Loss normalisation: each micro-batch's loss is (sum of its token losses) / (target count of the whole
+global batch, all-reduced over dp), and data parallelism sums gradients (parallel/data.py), so the gradient
+is the exact mean over the global batch whatever the dp size or the accumulation steps."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from scaletrain import parallel
+from scaletrain.checkpoint.manager import CheckpointManager
+from scaletrain.configs.schema import TrainConfig
+from scaletrain.data.loader import Loader, validation_batches
+from scaletrain.data.objectives import IGNORE_INDEX, build_objective
+from scaletrain.data.prepare import build_datasets
+from scaletrain.data.tokenizer import check_vocab
+from scaletrain.errors import REQUEUE_EXIT_CODE, UserError
+from scaletrain.models.registry import build_model, get_spec
+from scaletrain.train import metrics as flops
+from scaletrain.train.loggers import MetricLogger
+from scaletrain.train.optim import build_optimizer
+from scaletrain.train.precision import LossScaler, autocast, grads_are_finite
+from scaletrain.train.sample import generate_sample
+from scaletrain.train.schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(UserError):
+    """K consecutive non-finite losses: the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (skipped ones included: their data was consumed)
+    tokens: int = 0  # input tokens consumed, all ranks
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or an fp16 overflow
+    nonfinite_streak: int = 0  # consecutive non-finite losses
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Rank, world size and device from the standard variables (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if cfg.cluster.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"cluster={cfg.cluster.name} asks for CUDA but none is available; use cluster=cpu_local")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        # gloo next to nccl: checkpoint collectives and async saves run on CPU tensors.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def count_targets(batch: dict, with_nsp: bool) -> torch.Tensor:
+    """The positions loss_fn scores: labels != -100 (and BERT's NSP labels, one per sequence)."""
+    count = (batch["labels"] != IGNORE_INDEX).sum()
+    if with_nsp and "next_sentence_label" in batch:
+        count = count + (batch["next_sentence_label"] != IGNORE_INDEX).sum()
+    return count
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, t = cfg, cfg.trainer
+        self.rank, self.world_size, self.device = init_distributed(cfg)
+        self.dims = parallel.ParallelDims.from_config(cfg.parallel, self.world_size)
+        self.dims.build_mesh(self.device.type)
+        self.run_dir = Path(cfg.run_dir)
+        seed_everything(cfg.seed + self.dims.dp_rank)  # dropout differs across dp ranks, not across tp/pp
+
+        # Data: tokenizer + memory-mapped shards; the loader splits each global batch over dp ranks.
+        self.data = build_datasets(cfg, progress=self.rank == 0)
+        check_vocab(cfg.model, self.data.tokenizer, self.dims.tp)
+        self.objective = build_objective(cfg.data, self.data.tokenizer, t.seq_len)
+        self.loader = Loader(self.data.train, self.objective, t.seq_len, t.global_batch, t.micro_batch,
+                             self.dims.dp_rank, self.dims.dp_size, cfg.seed)
+
+        # Model: built on meta, parallelized, then materialized (initialization is layout-independent).
+        self.model_cfg = parallel.padded_model_config(cfg.model, self.dims.tp)
+        self.spec = get_spec(self.model_cfg.family)
+        self.model = build_model(self.model_cfg, device="meta")
+        parallel.parallelize(self.model, self.dims, cfg)
+        parallel.materialize(self.model, self.device, cfg.seed)
+        self.model.train()
+
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = parallel.shard_optimizer_state(self.optimizer, self.model, self.dims)
+        self.total_steps = self._total_steps()
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
+        self.scaler = LossScaler(cfg.precision == "fp16", t.loss_scale_init, t.loss_scale_growth_interval)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world_size)
+        self.resumed_from = self._resume()
+        self.logger: Optional[MetricLogger] = None
+        self.stop_signal: Optional[int] = None
+        self.losses: list[float] = []  # per-step training loss (tests compare these bitwise)
+        self.last_eval: dict[str, float] = {}
+        self.last_record: dict[str, Any] = {}
+        self._targets_checked = False
+
+    # ---- setup helpers -----------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        t = self.cfg.trainer
+        steps = t.max_steps if t.max_steps > 0 else math.inf
+        if t.max_tokens > 0:
+            steps = min(steps, math.ceil(t.max_tokens / (t.global_batch * t.seq_len)))
+        return int(steps)
+
+    def stateful(self) -> dict[str, Any]:
+        """Everything besides model/optimizer/RNG that a checkpoint must restore."""
+        return {"progress": self.state, "schedule": self.schedule, "scaler": self.scaler, "loader": self.loader}
+
+    def _resume(self) -> Optional[Path]:
+        path = self.checkpoints.resolve_resume(self.cfg.resume)
+        if path is not None:
+            self.checkpoints.load(path, self.model, self.optimizer, self.stateful())
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", path, self.state.step)
+        return path
+
+    def save(self) -> None:
+        metadata = {"tokens": self.state.tokens, "config": asdict(self.cfg), "layout": self.dims.describe()}
+        self.checkpoints.save(self.state.step, self.model, self.optimizer, self.stateful(), metadata)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Runs to max_steps / max_tokens. Returns 0, or REQUEUE_EXIT_CODE after a stop signal."""
+        cfg, t = self.cfg, self.cfg.trainer
+        self.logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.state.step,
+                                   use_wandb=cfg.logger == "wandb", wandb_config=asdict(cfg),
+                                   progress_bar=t.progress_bar, run_name=cfg.model.name)
+        previous_handlers = self._install_signal_handlers()
+        try:
+            self.throughput = flops.Throughput(cfg.cluster.peak_tflops(cfg.precision), self.world_size)
+            while self.state.step < self.total_steps:
+                started = time.perf_counter()
+                step_metrics = self.train_step(next(self.loader))  # data loading counts as training time
+                self.throughput.add(step_metrics.pop("tokens"), step_metrics.pop("flops"),
+                                    time.perf_counter() - started)
+                self.state.step += 1
+                self.logger.advance()
+                if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
+                    self._log(step_metrics)
+                if t.eval_every > 0 and self.state.step % t.eval_every == 0:
+                    self.evaluate()
+                if self._stop_requested():
+                    self.save()
+                    self.logger.write(f"stopped by signal {self.stop_signal} at step {self.state.step}; "
+                                      f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} (requeue)")
+                    return REQUEUE_EXIT_CODE
+                if self._periodic_save_due():
+                    self.save()
+            self._finish()
+            return 0
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            self.checkpoints.close()
+            self.logger.close()
+
+    def _periodic_save_due(self) -> bool:
+        """Every checkpoint.every steps, but never inside a NaN streak: the last good checkpoint stays."""
+        every, step = self.cfg.checkpoint.every, self.state.step
+        return (every > 0 and step % every == 0 and step < self.total_steps
+                and self.state.nonfinite_streak == 0)
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; skips the update on a non-finite loss."""
+        started = time.perf_counter()
+        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+        lr = self.optimizer.param_groups[0]["lr"]
+        local_targets = sum(count_targets(b, self.model_cfg.nsp_head) for b in micro_batches)
+        global_targets = self._all_reduce_dp(local_targets.float())
+        loss_sum, scored = self.forward_backward(micro_batches, global_targets)
+        if not self._targets_checked:  # count_targets must count what loss_fn scores; checked once
+            if int(scored) != int(local_targets):
+                raise RuntimeError(f"loss_fn scored {int(scored)} targets but count_targets found "
+                                   f"{int(local_targets)}; the normalisation would be wrong")
+            self._targets_checked = True
+        loss = (self._all_reduce_dp(loss_sum) / global_targets).item()  # CPU-GPU sync point, once a step
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.scaler.unscale_(params)
+        finite = math.isfinite(loss) and (not self.scaler.enabled or grads_are_finite(params))
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.trainer.grad_clip, self.dims).item()
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update(found_overflow=not finite)
+        self.schedule.step()
+        self._count_nonfinite(finite, loss)
+        tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp_size
+        self.state.tokens += tokens
+        self.losses.append(loss)
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": time.perf_counter() - started,
+                "tokens": tokens, "flops": sum(flops.batch_flops(self.model_cfg, b) for b in micro_batches)
+                * self.dims.dp_size}
+
+    def forward_backward(self, micro_batches: list[dict],
+                         global_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of every micro-batch; returns this rank's summed (unnormalised) loss and the
+        number of targets loss_fn scored. The one place that will branch to the pipeline schedule (pp > 1)."""
+        loss_sum, scored = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            self._set_gradient_sync(enabled=index == len(micro_batches) - 1)
+            with parallel.loss_context(self.dims):
+                with autocast(self.cfg.precision, self.device.type):
+                    outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
+                    micro_loss, count = self.spec.loss_fn(outputs, batch)
+                micro_loss = micro_loss.float()
+                self.scaler.scale_loss(micro_loss / global_targets).backward()
+            loss_sum += micro_loss.detach()
+            scored += count
+        return loss_sum, scored
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        """Gradient accumulation: FSDP2/replicate reduce gradients only on the last micro-batch."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(enabled)
+
+    def _count_nonfinite(self, finite: bool, loss: float) -> None:
+        if finite:
+            self.state.nonfinite_streak = 0
+            return
+        self.state.skipped_steps += 1
+        overflow = math.isfinite(loss) and self.scaler.enabled
+        if overflow:  # fp16 gradient overflow: the scaler backs off; not a divergence
+            return
+        self.state.nonfinite_streak += 1
+        if self.state.nonfinite_streak >= self.cfg.trainer.max_nonfinite_steps:
+            self.checkpoints.wait()
+            last = self.checkpoints.latest_complete()
+            raise TrainingDiverged(
+                f"the loss was NaN/Inf for {self.state.nonfinite_streak} consecutive steps (up to step "
+                f"{self.state.step + 1}); updates were skipped and the last good checkpoint "
+                f"{last or '(none yet)'} is intact; lower optim.lr, raise trainer.grad_clip or use precision=fp32")
+
+    def _all_reduce_dp(self, value: torch.Tensor) -> torch.Tensor:
+        mesh = self.dims.dp_mesh_flat
+        if mesh is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=mesh.get_group())
+        return value
+
+    # ---- evaluation, sample, logging ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity over trainer.eval_batches fixed batches."""
+        self.model.eval()
+        t, total, targets = self.cfg.trainer, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for batch in validation_batches(self.data.validation, self.objective, t.seq_len, t.micro_batch,
+                                        self.dims.dp_rank, self.dims.dp_size, t.eval_batches, self.cfg.seed):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
+                outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
+                loss_sum, count = self.spec.loss_fn(outputs, batch)
+            total += loss_sum.float()
+            targets += count
+        self.model.train()
+        val_loss = (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item()
+        self.last_eval = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self.logger.log(self.state.step, self.last_eval)
+        self.logger.write(f"step {self.state.step}: validation loss {val_loss:.4f}, "
+                          f"perplexity {self.last_eval['val_ppl']:.2f}")
+        return self.last_eval
+
+    def _log(self, step_metrics: dict[str, float]) -> None:
+        loss = step_metrics["loss"]
+        record = {**step_metrics, "ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
+                  "loss_scale": self.scaler.scale,
+                  "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,
+                  "peak_memory_gb": flops.peak_memory_bytes(self.device) / 2**30, **self.throughput.report()}
+        self.logger.log(self.state.step, record)
+        self.last_record = record
+
+    def _finish(self) -> None:
+        cfg = self.cfg
+        if cfg.trainer.eval_every > 0 and self.state.step % cfg.trainer.eval_every != 0:
+            self.evaluate()
+        if cfg.checkpoint.save_final:
+            self.save()
+        if cfg.trainer.sample_tokens > 0 and self.model_cfg.family != "bert" and not self.dims.pp_enabled:
+            text = generate_sample(self.model, self.model_cfg, self.data, self.objective, cfg, self.device)
+            self.logger.write(f"sample: {text}")
+        final = {"step": self.state.step, "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,
+                 **self.last_record, **self.last_eval, **flops.parameter_counts(self.model)}
+        self.logger.finish(final)
+
+    # ---- signals -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum, frame):  # finish the current step, then save and exit
+            self.stop_signal = signum
+
+        previous = {}
+        for signum in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
+                previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _stop_requested(self) -> bool:
+        """All ranks stop together if any rank got a signal (Slurm signals every task, but not atomically)."""
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,32 @@
+"""The trainer on 2 gloo ranks against the same run in one process: the global-token-count loss
+normalisation makes every data-parallel layout compute the same loss and the same update."""
+
+import pytest
+import torch
+
+from scaletrain.parallel.multiprocess import run_on_ranks
+from train_utils import make_trainer, model_params, tiny_overrides
+
+OVERRIDES = tiny_overrides("gpt", "trainer.max_steps=3", "trainer.micro_batch=1")
+
+
+def _train_on_rank(rank, world_size, run_dir, extra):
+    trainer = make_trainer(run_dir, OVERRIDES + extra)
+    assert trainer.dims.dp_size == world_size and trainer.loader.accumulation_steps == 2
+    trainer.train()
+    full = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in trainer.model.named_parameters()}
+    return trainer.losses, full, trainer.checkpoints.latest_complete().name
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_two_data_parallel_ranks_match_one_process(tmp_path, zero):
+    single = make_trainer(tmp_path / "single", OVERRIDES)
+    single.train()
+    extra = ["parallel.dp_shard=2", f"parallel.zero={zero}"]
+    results = run_on_ranks(_train_on_rank, 2, tmp_path / "dp", extra)
+    for losses, params, checkpoint in results:
+        assert losses == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
+        assert checkpoint == "step-000003"
+        for name, value in model_params(single).items():
+            torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5)

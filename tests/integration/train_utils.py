@@ -1,0 +1,65 @@
+"""Shared by the trainer's integration tests: tiny configs, in-process runs, subprocess CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from scaletrain.configs.store import compose_config
+
+# Tiny models on small trained vocabularies; seq_len 32, 2 micro-batches of 2 per step (accumulation 2).
+FAMILY_OVERRIDES = {
+    "gpt": ["model=gpt_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512"],
+    "bert": ["model=bert_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "data.objective=mlm",
+             "data.tokenizer_type=wordpiece", "data.nsp=true"],
+    "encdec": ["model=t5_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "data.objective=t5_span",
+               "data.tokenizer_type=unigram"],
+}
+COMMON = ["trainer.seq_len=32", "trainer.global_batch=4", "trainer.micro_batch=2", "trainer.eval_every=0",
+          "trainer.log_every=1", "trainer.progress_bar=false", "trainer.sample_tokens=0", "checkpoint.every=0",
+          "optim.warmup_steps=2", "optim.lr=3e-3"]
+
+
+def tiny_overrides(family: str = "gpt", *extra: str) -> list[str]:
+    return FAMILY_OVERRIDES[family] + COMMON + list(extra)
+
+
+def make_trainer(run_dir: Path, overrides: list[str]):
+    from scaletrain.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    return Trainer(compose_config(overrides + [f"run_dir={run_dir}"]))
+
+
+def model_params(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def checkpoint_params(path: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, read without building a model."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+def cli_command(run_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "scaletrain.cli", "train", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run_cli(run_dir: Path, overrides: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(run_dir, overrides), capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(**env))

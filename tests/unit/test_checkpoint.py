@@ -1,0 +1,177 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scaletrain.checkpoint.manager import MANIFEST, CheckpointManager, verify
+from scaletrain.configs.schema import CheckpointConfig
+from scaletrain.errors import CheckpointError
+from scaletrain.parallel.multiprocess import run_on_ranks
+
+
+class Counter:
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def _model(width=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, 3))
+
+
+def _trained(width=8, seed=0, steps=2):
+    model = _model(width, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(torch.randn(4, width)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_round_trip_restores_model_optimizer_state_and_rng(tmp_path):
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    manager.save(7, model, optimizer, {"counter": Counter(41)}, {"tokens": 1000})
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    expected_params, expected_optim = _params(model), optimizer.state_dict()
+
+    fresh, fresh_optimizer = _trained(seed=1, steps=1)
+    counter = Counter()
+    path = manager.latest_complete()
+    assert path.name == "step-000007" and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    manifest = manager.load(path, fresh, fresh_optimizer, {"counter": counter})
+    assert manifest["step"] == 7 and manifest["tokens"] == 1000 and manifest["complete"]
+    assert counter.value == 41
+    for key, value in _params(fresh).items():
+        assert torch.equal(value, expected_params[key]), key
+    loaded_optim = fresh_optimizer.state_dict()
+    for index, state in expected_optim["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(loaded_optim["state"][index][name], tensor)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    manager.save(1, model, optimizer, {}, {"tokens": 0})
+    folder = tmp_path / "checkpoints" / "step-000001"
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    on_disk = {p.name for p in folder.iterdir() if p.name != MANIFEST}
+    assert set(files) == on_disk and ".metadata" in files and "rng-rank-00000.pt" in files
+    assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in files.values())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "drop_manifest", "incomplete"])
+def test_latest_skips_damaged_checkpoints_with_a_warning(tmp_path, damage):
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(keep=5), tmp_path)
+    manager.save(1, model, optimizer, {}, {})
+    manager.save(2, model, optimizer, {}, {})
+    newest = tmp_path / "checkpoints" / "step-000002"
+    shard = next(newest.glob("*.distcp"))
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "drop_manifest":
+        (newest / MANIFEST).unlink()
+    else:
+        manifest = json.loads((newest / MANIFEST).read_text())
+        manifest["complete"] = False
+        (newest / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(newest) is not None
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step-000002"):
+        assert manager.latest_complete().name == "step-000001"
+
+
+def test_retention_keeps_the_last_k_plus_every_mth(tmp_path):
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(keep=2, keep_every=4), tmp_path)
+    for step in range(1, 10):
+        manager.save(step, model, optimizer, {}, {})
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000008", "step-000009"]
+
+
+def test_async_save_snapshots_the_state_at_the_save_call(tmp_path):
+    model, optimizer = _trained(width=64)
+    manager = CheckpointManager(CheckpointConfig(async_save=True), tmp_path)
+    expected = _params(model)
+    manager.save(3, model, optimizer, {"counter": Counter(3)}, {})
+    with torch.no_grad():  # the loop goes on while the write is in flight
+        for param in model.parameters():
+            param.add_(1.0)
+    manager.close()
+    fresh, fresh_optimizer = _trained(width=64, seed=2)
+    manager.load(manager.latest_complete(), fresh, fresh_optimizer, {"counter": Counter()})
+    for key, value in _params(fresh).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_different_architecture_names_the_mismatched_keys_and_shapes(tmp_path):
+    model, optimizer = _trained(width=8)
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    manager.save(1, model, optimizer, {}, {})
+    wider = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 3), nn.Linear(3, 3))
+    with pytest.raises(CheckpointError) as error:
+        manager.load(manager.latest_complete(), wider, torch.optim.AdamW(wider.parameters()), {})
+    message = str(error.value)
+    assert "unexpected" not in message and "missing: 3.bias, 3.weight" in message
+    assert "0.weight [8, 8] in the checkpoint vs [16, 16] in the model" in message
+
+
+def test_resume_modes(tmp_path):
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    assert manager.resolve_resume("auto") is None
+    manager.save(2, model, optimizer, {}, {})
+    assert manager.resolve_resume("none") is None
+    assert manager.resolve_resume("auto").name == "step-000002"
+    assert manager.resolve_resume(str(tmp_path)).name == "step-000002"  # a run folder
+    with pytest.raises(CheckpointError, match="not a usable checkpoint"):
+        manager.resolve_resume(str(tmp_path / "nowhere"))
+
+
+def _save_sharded(rank, world_size, run_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(width=16)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)
+    model(torch.randn(4, 16)).square().mean().backward()
+    optimizer.step()
+    manager = CheckpointManager(CheckpointConfig(), run_dir, rank, world_size)
+    manager.save(1, model, optimizer, {"counter": Counter(9)}, {})
+    manager.close()
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+def test_a_sharded_two_rank_checkpoint_loads_in_one_process(tmp_path):
+    full = run_on_ranks(_save_sharded, 2, str(tmp_path))[0]
+    model, optimizer = _trained(width=16, seed=3)
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    counter = Counter()
+    manifest = manager.load(manager.latest_complete(), model, optimizer, {"counter": counter})
+    assert manifest["world_size"] == 2 and counter.value == 9
+    for key, value in _params(model).items():
+        assert torch.equal(value, full[key]), key
+    assert set(optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
