@@ -14,11 +14,14 @@ setup(
         "numpy>=1.26",
         "wandb>=0.18",
         "tqdm>=4.66",
+        "scipy>=1.11",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "transformers>=4.45",
+            "datasets>=2.19",  # the parquet / saved-dataset corpus readers are tested (and the prepare benchmark)
             "triton>=3.1; platform_system=='Linux'",
             "submitit>=1.5",
             "hydra-submitit-launcher>=1.2",

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "train": ("scaletrain.train.main:cli", "train a model (Hydra overrides: model=... parallel=... trainer.max_steps=...)"),
     "table": ("scaletrain.models.table:cli", "print the classic model table with computed parameter counts"),
     "data": ("scaletrain.data.prepare:cli", "data prepare: tokenize a corpus into memory-mapped token shards"),
+    "plan": ("scaletrain.plan.cli:cli", "pick the parallel layout for a cluster: memory, step time, MFU, days"),
+    "scaling": ("scaletrain.scaling.cli:cli", "scaling fit <sweep dir> | scaling optimal --compute C: fit laws, plot, allocate"),
 }
 
 
