@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from scaletrain.configs.schema import TrainConfig, validate_cross_fields
+from scaletrain.configs.schema import TrainConfig, data_parallel_degree, validate_cross_fields
 from scaletrain.configs.store import CONFIG_MODULE, ROOT_CONFIG, compose_config, register_configs, to_train_config
 from scaletrain.errors import ConfigError, UserError, one_line
 
@@ -71,17 +71,20 @@ def planned_world_size(cfg: TrainConfig) -> int:
     """The number of ranks this config will train on, known before any process starts."""
     if cfg.dry_run.world_size > 0:
         return cfg.dry_run.world_size
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    launcher = cfg.launcher
-    if launcher.name == "slurm":
-        return launcher.nodes * launcher.slurm_tasks_per_node
-    return launcher.nodes * launcher.nproc_per_node
+    from scaletrain.launch import planned_world_size as launched_world_size  # Slurm/submitit tasks included
+
+    return launched_world_size(cfg)
 
 
 def validate(cfg: TrainConfig) -> None:
     """Every rule that needs no data and no process group."""
-    validate_cross_fields(cfg, planned_world_size(cfg))
+    world_size = planned_world_size(cfg)
+    validate_cross_fields(cfg, world_size)
+    if cfg.parallel.pp > 1 and cfg.dry_run.world_size == 0:  # the schedule's micro-batch rules, up front
+        from scaletrain.parallel.pipeline import n_microbatches, validate_schedule
+
+        dp = data_parallel_degree(cfg.parallel, world_size)
+        validate_schedule(cfg.parallel, n_microbatches(cfg.trainer, dp), cfg.trainer.eval_every)
     data, model = cfg.data, cfg.model
     if data.tokenizer == "train" and not data.prepared and model.vocab_size < data.tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than data.tokenizer_vocab="

@@ -110,9 +110,10 @@ class Trainer:
         self.model_cfg = parallel.padded_model_config(cfg.model, self.dims.tp)
         self.spec = get_spec(self.model_cfg.family)
         self.model = build_model(self.model_cfg, device="meta")
-        parallel.parallelize(self.model, self.dims, cfg)
+        self.model = parallel.parallelize(self.model, self.dims, cfg)  # pp > 1: this rank's stages only
         parallel.materialize(self.model, self.device, cfg.seed)
         self.model.train()
+        self.pipeline = self._build_pipeline()
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.optimizer = parallel.shard_optimizer_state(self.optimizer, self.model, self.dims)
@@ -136,6 +137,15 @@ class Trainer:
         if t.max_tokens > 0:
             steps = min(steps, math.ceil(t.max_tokens / (t.global_batch * t.seq_len)))
         return int(steps)
+
+    def _build_pipeline(self):
+        """pp > 1: this rank's stages wrapped in the configured schedule; None without pipeline parallelism."""
+        if not self.dims.pp_enabled:
+            return None
+        from scaletrain.parallel.pipeline import build_pipeline, n_microbatches
+
+        n_micro = n_microbatches(self.cfg.trainer, self.dims.dp_size)
+        return build_pipeline(self.model.stages, self.model_cfg, self.cfg.parallel, n_micro, self.dims, self.device)
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/RNG that a checkpoint must restore."""
@@ -231,14 +241,18 @@ class Trainer:
     def forward_backward(self, micro_batches: list[dict],
                          global_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of every micro-batch; returns this rank's summed (unnormalised) loss and the
-        number of targets loss_fn scored. The one place that will branch to the pipeline schedule (pp > 1)."""
+        number of targets loss_fn scored. The one place that branches to the pipeline schedule (pp > 1)."""
+        if self.pipeline is not None:  # the schedule runs every micro-batch through this rank's stages
+            grad_scale = self.scaler.scale if self.scaler.enabled else 1.0
+            return self.pipeline.forward_backward(micro_batches, global_targets, grad_scale=grad_scale,
+                                                  context=autocast(self.cfg.precision, self.device.type))
         loss_sum, scored = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             self._set_gradient_sync(enabled=index == len(micro_batches) - 1)
             with parallel.loss_context(self.dims):
                 with autocast(self.cfg.precision, self.device.type):
                     outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
-                    micro_loss, count = self.spec.loss_fn(outputs, batch)
+                    micro_loss, count = self.spec.loss_fn(outputs, batch, self.model_cfg.kernels)
                 micro_loss = micro_loss.float()
                 self.scaler.scale_loss(micro_loss / global_targets).backward()
             loss_sum += micro_loss.detach()
@@ -280,12 +294,16 @@ class Trainer:
         """Validation loss and perplexity over trainer.eval_batches fixed batches."""
         self.model.eval()
         t, total, targets = self.cfg.trainer, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for batch in validation_batches(self.data.validation, self.objective, t.seq_len, t.micro_batch,
-                                        self.dims.dp_rank, self.dims.dp_size, t.eval_batches, self.cfg.seed):
+        batches = validation_batches(self.data.validation, self.objective, t.seq_len, t.micro_batch,
+                                     self.dims.dp_rank, self.dims.dp_size, t.eval_batches, self.cfg.seed)
+        for batch in self._pipeline_groups(list(batches)) if self.pipeline is not None else batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
-                outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
-                loss_sum, count = self.spec.loss_fn(outputs, batch)
+            if self.pipeline is not None:
+                loss_sum, count = self.pipeline.evaluate(batch, context=autocast(self.cfg.precision, self.device.type))
+            else:
+                with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
+                    outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
+                    loss_sum, count = self.spec.loss_fn(outputs, batch, self.model_cfg.kernels)
             total += loss_sum.float()
             targets += count
         self.model.train()
@@ -295,6 +313,16 @@ class Trainer:
         self.logger.write(f"step {self.state.step}: validation loss {val_loss:.4f}, "
                           f"perplexity {self.last_eval['val_ppl']:.2f}")
         return self.last_eval
+
+    def _pipeline_groups(self, batches: list[dict]) -> list[dict]:
+        """The schedule was built for n micro-batches per call: evaluate n validation batches at a time."""
+        n = self.pipeline.schedule._n_microbatches
+        if len(batches) < n:
+            raise UserError(f"the validation split gives {len(batches)} batches of trainer.micro_batch="
+                            f"{self.cfg.trainer.micro_batch} but the pipeline needs {n} per evaluation; raise "
+                            f"trainer.eval_batches, lower trainer.micro_batch or set trainer.eval_every=0")
+        groups = [batches[i:i + n] for i in range(0, len(batches) - n + 1, n)]  # a partial last group is left out
+        return [{k: torch.cat([b[k] for b in group]) for k in group[0]} for group in groups]
 
     def _log(self, step_metrics: dict[str, float]) -> None:
         loss = step_metrics["loss"]
