@@ -40,8 +40,8 @@ def _poison(trainer, bad_steps):
     """loss_fn returns NaN on the given (0-based) steps."""
     loss_fn = trainer.spec.loss_fn
 
-    def poisoned(outputs, batch):
-        loss, count = loss_fn(outputs, batch)
+    def poisoned(outputs, batch, kernels_choice="auto"):
+        loss, count = loss_fn(outputs, batch, kernels_choice)
         return (loss * float("nan"), count) if trainer.state.step in bad_steps else (loss, count)
 
     trainer.spec = dataclasses.replace(trainer.spec, loss_fn=poisoned)
