@@ -20,6 +20,7 @@ from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.errors import ConfigError
+from scaletrain.models.bert import BERT
 from scaletrain.models.blocks import attention_bias, position_ids
 from scaletrain.models.init import init_model_weights
 from scaletrain.parallel.pipeline_split import StagePlan
@@ -116,16 +117,7 @@ class BERTStage(StageModule):
             return self.mlm_head(x)  # (B, T, V)
         return self.mlm_head(x), self.nsp_head(self.pooler(x))  # (B, T, V), (B, 2)
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        x = self.tok_embeddings(input_ids)  # (B, T, D)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(position_ids(input_ids, self.cfg))
-        if self.type_embeddings is not None:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            x = x + self.type_embeddings(types)
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
-        return self.dropout(x)
+    embed = BERT.embed  # the first stage owns the same embedding modules under the same names
 
 
 class EncoderDecoderStage(StageModule):
