@@ -63,7 +63,9 @@ def run_elastic(launcher: LaunchConfig, worker_argv: Sequence[str], run_dir: str
     try:
         elastic_launch(config, entrypoint=argv[0])(*argv[1:])
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
+        # The root cause: a worker killed by a signal (OOM killer, kill -9) before one that raised because a
+        # peer vanished mid-collective; the agent may observe the latter first. Then the earliest.
+        rank, failure = min(error.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         print(f"[launch] rank {rank} failed with exit code {failure.exitcode} and no restarts were left "
               f"(launcher.max_restarts={launcher.max_restarts})", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
