@@ -14,7 +14,6 @@ so ZeRO-3 lands slightly below 1.5x."""
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import torch
@@ -25,6 +24,7 @@ from scaletrain.configs.schema import ParallelConfig
 from scaletrain.models.registry import load_model_config
 from scaletrain.parallel.equivalence import build_parallel_model
 from scaletrain.parallel.multiprocess import run_on_ranks
+from zero_memory import parse_gpt_args  # the sibling benchmark; scripts run from benchmarks/ see it
 
 # op name -> (index of the tensor argument whose size is the payload, multiplier in units of Psi)
 _PAYLOAD = {"allreduce_": (0, 2), "_allgather_base_": (0, 1), "allgather_into_tensor_coalesced_": (0, 1),
@@ -71,12 +71,7 @@ def _one_step(rank, world_size, model_overrides, zero):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    args = parser.parse_args()
-    overrides = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 4, "max_seq_len": 64}
+    args, overrides = parse_gpt_args(__doc__.splitlines()[0])
     totals = {}
     for zero, label in ((0, "DDP (zero 0)"), (3, "ZeRO-3")):
         payload, calls, psi_bytes = run_on_ranks(_one_step, args.ranks, overrides, zero)[0]

@@ -52,13 +52,18 @@ def _measure(rank, world_size, model_overrides, zero):
     return param_bytes, grad_bytes, state_bytes, psi
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_gpt_args(description: str) -> tuple[argparse.Namespace, dict]:
+    """The ZeRO benchmarks' shared command line: ranks and the GPT's size -> (args, model overrides)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args()
-    overrides = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 4, "max_seq_len": 64}
+    return args, {"d_model": args.d_model, "n_layers": args.layers, "n_heads": 4, "max_seq_len": 64}
+
+
+def main() -> None:
+    args, overrides = parse_gpt_args(__doc__.splitlines()[0])
     sizes = bytes_per_element("fp32", "adamw")
     print(f"GPT d_model={args.d_model} x {args.layers} layers, dp={args.ranks}, fp32 AdamW "
           f"(P, G, K = {sizes}); bytes on rank 0")

@@ -25,6 +25,13 @@ def binomial_close(observed, expected, n, sigmas=5.0):
         (observed, expected)
 
 
+def assert_uniform(counts: dict, outcomes: int, draws: int) -> None:
+    """Every one of `outcomes` equally likely outcomes was seen, each at 1/outcomes within 5 sigma."""
+    assert len(counts) == outcomes
+    for count in counts.values():
+        binomial_close(count / draws, 1 / outcomes, draws)
+
+
 def words_of(tokens, word_start):
     """Independent word segmentation: a new word at every word-start piece, special, or after a special."""
     words, current = [], -1
@@ -48,9 +55,7 @@ def test_random_composition_is_uniform_and_exact():
         parts = random_composition(5, 3, rng)  # compositions of 5 into 3 positive parts: C(4,2) = 6
         assert parts.sum() == 5 and parts.min() >= 1
         counts[tuple(parts)] = counts.get(tuple(parts), 0) + 1
-    assert len(counts) == 6
-    for count in counts.values():
-        binomial_close(count / 6000, 1 / 6, 6000)
+    assert_uniform(counts, 6, 6000)
 
 
 def test_place_spans_never_overlap_or_touch():
@@ -301,9 +306,7 @@ def test_sentence_permutation_is_uniform():
         permuted = permute_sentences(tokens, sentence_end, rng)
         assert sorted(permuted) == sorted(tokens)
         orders[tuple(permuted)] = orders.get(tuple(permuted), 0) + 1
-    assert len(orders) == 6
-    for count in orders.values():
-        binomial_close(count / 6000, 1 / 6, 6000)
+    assert_uniform(orders, 6, 6000)
 
 
 def test_bart_example_layout():
