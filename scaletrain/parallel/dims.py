@@ -94,6 +94,10 @@ class ParallelDims:
         dp_names = [n for n in ("dp_replicate", "dp_shard") if n in names]
         if len(dp_names) == 2:
             mesh[tuple(dp_names)]._flatten("dp")
+        if "dp_shard" in names and "tp" in names:
+            # FSDP x TP gradients are sharded over both: with this flattened view DTensor reduces their norm
+            # (clipping) in one collective instead of one per dimension
+            mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
         self.mesh = mesh
         return mesh
 

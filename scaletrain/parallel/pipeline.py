@@ -38,8 +38,6 @@ SCHEDULE_CLASSES = {
     "dualpipev": pp_schedules.ScheduleDualPipeV,
 }
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-_V_EVAL_MESSAGE = ("validation under parallel.pp_schedule={name} fails inside torch 2.13 (its forward-only V "
-                   "schedule needs a backward); set trainer.eval_every=0 or use pp_schedule=interleaved_zb")
 # batch keys every stage receives as keyword arguments (masks, token types, decoder ids), per family
 STAGE_KWARGS = {"gpt": ("attention_mask",), "bert": ("token_type_ids", "attention_mask"),
                 "encdec": ("decoder_input_ids", "attention_mask", "decoder_attention_mask")}
@@ -54,12 +52,10 @@ def n_microbatches(trainer: TrainerConfig, dp_size: int) -> int:
     return per_rank // trainer.micro_batch
 
 
-def validate_schedule(parallel: ParallelConfig, n_micro: int, eval_every: int = 0) -> None:
+def validate_schedule(parallel: ParallelConfig, n_micro: int) -> None:
     """torch 2.13's rules for each schedule, checked before any process group exists."""
     name, pp, v = parallel.pp_schedule, parallel.pp, parallel.pp_virtual
     stages = pp * v
-    if name in V_SHAPED_SCHEDULES and eval_every > 0 and pp > 1:
-        raise ConfigError(_V_EVAL_MESSAGE.format(name=name))
     if name in SINGLE_STAGE_SCHEDULES and v != 1:
         raise ConfigError(f"parallel.pp_schedule={name} runs one stage per rank but parallel.pp_virtual={v}; "
                           f"set pp_virtual=1 or pick interleaved_1f1b / looped_bfs / interleaved_zb")
@@ -151,6 +147,15 @@ class PipelineModel(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline-parallel model runs through its schedule: use Pipeline.forward_backward")
 
+    def checkpoint_aliases(self) -> dict[str, str]:
+        """{name here: name to read it from}: the last stage's head is its own copy of the tied token
+        table, which a checkpoint saved without pipeline stages holds (weights and optimizer state) only
+        under tok_embeddings.weight."""
+        cfg = self.stages[0].cfg
+        head = HEAD_WEIGHT[cfg.family]
+        names = {name for name, _ in self.named_parameters()}
+        return {head: "tok_embeddings.weight"} if cfg.tie_embeddings and head in names else {}
+
 
 def pipeline_split(model: nn.Module, dims, cfg) -> PipelineModel:
     """Step 1 of parallelize when pp > 1: this rank's stages of the meta model. Apply TP, activation
@@ -232,6 +237,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._gradient_scale = 1.0
+        self._forward_only_order = None  # V schedules' evaluation order, lowered with its communication
 
     @property
     def has_last_stage(self) -> bool:
@@ -296,12 +302,19 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, batch: dict, context=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only: (summed loss, scored targets) of the batch, on every pp rank."""
-        if self.schedule_name in V_SHAPED_SCHEDULES:
-            # torch 2.13's V schedules hand activations between a rank's two stages through the backward
-            # path ("can't steal_bwd_input if this stage doesn't have backward") when run forward-only
-            raise ConfigError(_V_EVAL_MESSAGE.format(name=self.schedule_name))
         self._gradient_scale = 1.0
-        return self._run(batch, train=False, context=context)
+        if self.schedule_name not in V_SHAPED_SCHEDULES:
+            return self._run(batch, train=False, context=context)
+        # torch 2.13's eval() of a V schedule still runs the backward actions of its training order (and
+        # fails in them); run a forward-only order instead, then put the training order back
+        training_order = self.schedule.pipeline_order_with_comms
+        if self._forward_only_order is None:
+            self._forward_only_order = v_forward_only_order(self.schedule)
+        self.schedule.pipeline_order_with_comms = self._forward_only_order
+        try:
+            return self._run(batch, train=False, context=context)
+        finally:
+            self.schedule.pipeline_order_with_comms = training_order
 
     def _loss_context(self):
         if not self.vocab_parallel:
@@ -309,6 +322,22 @@ class Pipeline:
         from scaletrain.parallel.loss import vocab_parallel_loss  # cross-entropy on the vocab shards
 
         return vocab_parallel_loss()
+
+
+def v_forward_only_order(schedule) -> dict[int, list]:
+    """Forward actions only, for a V placement (rank r holds stages r and 2p-1-r), with the communication
+    and FSDP unshard/reshard actions torch's lowering adds. Each rank runs all micro-batches through its
+    first stage, then all through its second: first stages wait only on the rank before them, second
+    stages on the rank after them (the last rank: on its own first stage), so the order cannot deadlock.
+    (torch's own lowering entry point insists on a backward for every forward, hence the direct calls.)"""
+    Action, FORWARD = pp_schedules._Action, pp_schedules._ComputationType.FORWARD
+    placement = schedule.stage_index_to_group_rank
+    compute: dict[int, list] = {}
+    for stage, rank in sorted(placement.items()):
+        compute.setdefault(rank, []).extend(Action(stage, FORWARD, mb) for mb in range(schedule._n_microbatches))
+    lowered = {rank: pp_schedules._add_unshard_reshard(actions) for rank, actions in compute.items()}
+    return pp_schedules._add_send_recv(lowered, stage_to_rank=lambda stage: placement[stage],
+                                       num_stages=schedule._num_stages)
 
 
 def build_pipeline(modules: list[StageModule], model_cfg: ModelConfig, parallel: ParallelConfig, n_micro: int,

@@ -84,7 +84,7 @@ def validate(cfg: TrainConfig) -> None:
         from scaletrain.parallel.pipeline import n_microbatches, validate_schedule
 
         dp = data_parallel_degree(cfg.parallel, world_size)
-        validate_schedule(cfg.parallel, n_microbatches(cfg.trainer, dp), cfg.trainer.eval_every)
+        validate_schedule(cfg.parallel, n_microbatches(cfg.trainer, dp))
     data, model = cfg.data, cfg.model
     if data.tokenizer == "train" and not data.prepared and model.vocab_size < data.tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than data.tokenizer_vocab="
