@@ -15,7 +15,6 @@ manifest and the checksums of the newest folder and falls back to older ones wit
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,28 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from scaletrain.configs.schema import CheckpointConfig
+from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
 from scaletrain.errors import CheckpointError
 
 MANIFEST = "scaletrain.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-MAX_LISTED_MISMATCHES = 8
-# One process without a process group is a supported layout here, not an accident worth a warning.
-_SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    with warnings.catch_warnings():  # main thread only: catch_warnings is not thread-safe
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        yield
-
-
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
 
@@ -180,11 +166,10 @@ class CheckpointManager:
             payload = {name: obj.state_dict() for name, obj in stateful.items()}
             _write_durably(tmp / TRAINER_STATE, pickle.dumps(payload))
         _write_durably(tmp / rng_file(self.rank), pickle.dumps(rng_state()))
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = model_and_optimizer_state(model, optimizer)
         manifest = {"step": step, **metadata, "world_size": self.world_size, "versions": _versions()}
         if self._executor is None:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.group, no_dist=not self.distributed)
             self._finalize(tmp, final, manifest)
         else:
@@ -285,12 +270,7 @@ class CheckpointManager:
              stateful: Mapping[str, Any]) -> dict[str, Any]:
         """Restore everything saved at `path` into the live objects; returns the manifest."""
         path = Path(path)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        check_architecture(path, model_state)
-        state = {"model": model_state, "optim": optim_state}
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.distributed)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_model_and_optimizer(path, model, optimizer, self.group)
         saved = pickle.loads((path / TRAINER_STATE).read_bytes())
         for name, obj in stateful.items():
             if name not in saved:
@@ -305,30 +285,6 @@ class CheckpointManager:
             warnings.warn(f"{path} has no RNG state for rank {self.rank}; using the seeded one", stacklevel=2)
         return read_manifest(path)
 
-
-def check_architecture(path: Path, model_state: Mapping[str, Any]) -> None:
-    """Raise CheckpointError listing missing, unexpected and mis-shaped parameters (global shapes)."""
-    saved = {key[len("model."):]: meta for key, meta in dcp.FileSystemReader(str(path)).read_metadata()
-             .state_dict_metadata.items() if key.startswith("model.")}
-    missing = sorted(set(model_state) - set(saved))
-    unexpected = sorted(set(saved) - set(model_state))
-    shapes = []
-    for key in sorted(set(saved) & set(model_state)):
-        want, have = tuple(model_state[key].shape), tuple(getattr(saved[key], "size", ()))
-        if want != have:
-            shapes.append(f"{key} {list(have)} in the checkpoint vs {list(want)} in the model")
-    if not (missing or unexpected or shapes):
-        return
-
-    def listing(label: str, items: list[str]) -> str:
-        shown = ", ".join(items[:MAX_LISTED_MISMATCHES])
-        more = f" (+{len(items) - MAX_LISTED_MISMATCHES} more)" if len(items) > MAX_LISTED_MISMATCHES else ""
-        return f"{label}: {shown}{more}"
-
-    parts = [listing(label, items) for label, items in
-             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if items]
-    raise CheckpointError(f"checkpoint {path} holds a different architecture -- {'; '.join(parts)}; resume with "
-                          f"the model config it was saved with, or start fresh with resume=none")
 
 
 def _versions() -> dict[str, str]:

@@ -168,20 +168,14 @@ class LayoutRun:
                 for fqn, values in state.items()}
 
     def save(self, path: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from scaletrain.checkpoint.reshard import save_model_and_optimizer
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+        save_model_and_optimizer(path, self.model, self.optimizer)
 
     def load(self, path: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from scaletrain.checkpoint.reshard import load_model_and_optimizer
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_model_and_optimizer(path, self.model, self.optimizer)
 
 
 def run_layout(model_cfg: ModelConfig, layout: str, world_size: int, spec: RunSpec | None = None) -> dict:

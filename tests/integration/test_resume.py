@@ -1,27 +1,12 @@
 """Exact resume: 2N steps in one go == N steps, a stop, and N more from the checkpoint (fp32, CPU)."""
 
-import signal
-
 import pytest
 import torch
 
 from scaletrain.errors import REQUEUE_EXIT_CODE
-from train_utils import make_trainer, model_params, tiny_overrides
+from train_utils import make_trainer, model_params, stop_after, tiny_overrides
 
 N = 3
-
-
-def _stop_after(trainer, steps):
-    """Deliver the stop request the SIGUSR1 handler would, after `steps` steps."""
-    original = trainer.train_step
-
-    def train_step(micro_batches):
-        metrics = original(micro_batches)
-        if trainer.state.step + 1 == steps:
-            trainer.stop_signal = signal.SIGUSR1
-        return metrics
-
-    trainer.train_step = train_step
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
@@ -32,7 +17,7 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, family):
     assert straight.train() == 0
 
     first = make_trainer(tmp_path / "split", overrides)
-    _stop_after(first, N)
+    stop_after(first, N)
     assert first.train() == REQUEUE_EXIT_CODE and first.state.step == N
     second = make_trainer(tmp_path / "split", overrides)
     assert second.resumed_from.name == f"step-{N:06d}" and second.state.step == N

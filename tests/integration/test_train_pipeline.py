@@ -1,5 +1,6 @@
-"""Pipeline parallelism through the real trainer: pp2 (and one 3D pp2 x tp2 x dp2 run through the CLI)
-trains to the losses, gradient norms and parameters of the same run in one process, for every family."""
+"""Pipeline parallelism through the real trainer: pp2 (1F1B, and the V-shaped ZBV / DualPipeV with their
+forward-only validation) and a 3D pp2 x tp2 x dp2 run through the CLI train to the losses, gradient norms
+and parameters of the same run in one process, for every family."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from scaletrain.parallel.multiprocess import run_on_ranks
-from train_utils import make_trainer, model_params, run_cli, tiny_overrides
+from train_utils import full_params, make_trainer, model_params, run_cli, tiny_overrides
 
 # SGD: no per-element state, so the layouts agree to fp32 rounding (AdamW would amplify it).
 EXTRA = ["trainer.max_steps=3", "trainer.micro_batch=1", "optim=sgd", "optim.lr=0.05", "trainer.eval_every=3",
@@ -17,18 +18,21 @@ EXTRA = ["trainer.max_steps=3", "trainer.micro_batch=1", "optim=sgd", "optim.lr=
 def _train_on_rank(rank, world_size, run_dir, overrides):
     trainer = make_trainer(run_dir, overrides)
     trainer.train()
-    full = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for name, p in trainer.model.named_parameters()}
-    return trainer.losses, trainer.last_record["grad_norm"], trainer.last_eval["val_loss"], full
+    return trainer.losses, trainer.last_record["grad_norm"], trainer.last_eval["val_loss"], full_params(trainer)
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
-def test_two_pipeline_stages_match_one_process(tmp_path, family):
-    overrides = tiny_overrides(family, *EXTRA)
+@pytest.mark.parametrize("family, schedule", [("gpt", "1f1b"), ("bert", "1f1b"), ("encdec", "1f1b"),
+                                              ("gpt", "dualpipev"), ("encdec", "zbv")])
+def test_two_pipeline_stages_match_one_process(tmp_path, family, schedule):
+    # ZBV / DualPipeV: 4 stages on 2 ranks (stages 0 and 3 on rank 0), and a forward-only validation
+    v_shaped = schedule != "1f1b"
+    overrides = tiny_overrides(family, *EXTRA, *(["model.n_layers=4"] if v_shaped and family == "gpt" else []))
     single = make_trainer(tmp_path / "single", overrides)
     single.train()
     reference = model_params(single)
-    results = run_on_ranks(_train_on_rank, 2, tmp_path / "pp", overrides + ["parallel.pp=2", "parallel.dp_shard=1"])
+    layout = ["parallel.pp=2", "parallel.dp_shard=1", f"parallel.pp_schedule={schedule}"]
+    layout += ["parallel.pp_virtual=2"] if v_shaped else []
+    results = run_on_ranks(_train_on_rank, 2, tmp_path / "pp", overrides + layout)
     names = set()
     for losses, grad_norm, val_loss, params in results:  # the loss is reported on every rank
         assert losses == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
@@ -47,8 +51,9 @@ def _losses(run_dir):
             if '"loss"' in line and '"val_loss"' not in line]
 
 
-def test_3d_parallel_run_through_the_cli_matches_one_process(tmp_path):
-    overrides = tiny_overrides("gpt", *EXTRA, "trainer.global_batch=8", "trainer.eval_every=0")
+@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
+def test_3d_parallel_run_through_the_cli_matches_one_process(tmp_path, family):
+    overrides = tiny_overrides(family, *EXTRA, "trainer.global_batch=8", "trainer.eval_every=0")
     single = run_cli(tmp_path / "single", overrides)
     assert single.returncode == 0, single.stderr[-2000:]
     layout = ["launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2", "parallel.zero=3"]

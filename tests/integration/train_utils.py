@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,25 @@ def make_trainer(run_dir: Path, overrides: list[str]):
 
 def model_params(trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def full_params(trainer) -> dict[str, torch.Tensor]:
+    """This rank's parameters, DTensor shards gathered to full tensors (a pipeline rank: its stages only)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in trainer.model.named_parameters()}
+
+
+def stop_after(trainer, steps: int) -> None:
+    """Deliver the stop request the SIGUSR1 handler would, after `steps` steps."""
+    original = trainer.train_step
+
+    def train_step(micro_batches):
+        metrics = original(micro_batches)
+        if trainer.state.step + 1 == steps:
+            trainer.stop_signal = signal.SIGUSR1
+        return metrics
+
+    trainer.train_step = train_step
 
 
 def checkpoint_params(path: Path) -> dict[str, torch.Tensor]:

@@ -138,6 +138,30 @@ def test_a_different_architecture_names_the_mismatched_keys_and_shapes(tmp_path)
     assert "0.weight [8, 8] in the checkpoint vs [16, 16] in the model" in message
 
 
+def test_state_of_another_optimizer_is_named_instead_of_a_dcp_key_error(tmp_path):
+    model, optimizer = _trained(width=8)
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    manager.save(1, model, optimizer, {}, {})
+    fresh = _model(8, 1)
+    with pytest.raises(CheckpointError) as error:  # AdamW saved, SGD with momentum resumes
+        manager.load(manager.latest_complete(), fresh, torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9), {})
+    message = str(error.value)
+    assert "lacks optimizer state" in message and "state.0.weight.momentum_buffer" in message
+    assert "resume=none" in message
+
+
+def test_optimizer_implementation_is_the_live_one_not_the_saved_one(tmp_path):
+    model, optimizer = _trained(width=8)  # AdamW, foreach chosen by default on CPU
+    manager = CheckpointManager(CheckpointConfig(), tmp_path)
+    manager.save(1, model, optimizer, {}, {})
+    fresh = _model(8, 1)
+    for_loop = torch.optim.AdamW(fresh.parameters(), lr=1e-2, foreach=False)
+    manager.load(manager.latest_complete(), fresh, for_loop, {})
+    assert all(group["foreach"] is False for group in for_loop.param_groups)
+    saved = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(for_loop.state_dict()["state"][0]["exp_avg"], saved)
+
+
 def test_resume_modes(tmp_path):
     model, optimizer = _trained()
     manager = CheckpointManager(CheckpointConfig(), tmp_path)

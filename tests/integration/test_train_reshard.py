@@ -1,0 +1,77 @@
+"""Resharding through the trainer and the checkpoint manager: a run stopped at pp2 x tp2 x dp2 (8 ranks)
+resumes at dp4, at tp4 and in one process, and runs stopped at dp4, tp4 and in one process resume at
+pp2 x tp2 x dp2. Every resumed run continues to the losses and parameters of a run that never stopped."""
+
+import pytest
+import torch
+
+from scaletrain.errors import REQUEUE_EXIT_CODE
+from scaletrain.parallel.multiprocess import run_on_ranks
+from train_utils import full_params, make_trainer, stop_after, tiny_overrides
+
+STOP_AT, TOTAL = 2, 4
+# SGD with momentum: a per-parameter state that must reshard too, and exact enough for 1e-5 parity.
+EXTRA = [f"trainer.max_steps={TOTAL}", "trainer.micro_batch=1", "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
+LAYOUTS = {
+    "pp2_tp2_dp2": ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2", "parallel.zero=3"],
+    "dp4": ["parallel.dp_shard=4", "parallel.zero=3"],
+    "tp4": ["parallel.tp=4", "parallel.dp_shard=1"],
+    "single": [],
+}
+
+
+def _stopped_run(run_dir, overrides):
+    trainer = make_trainer(run_dir, overrides)
+    stop_after(trainer, STOP_AT)
+    assert trainer.train() == REQUEUE_EXIT_CODE
+    return trainer.run_dir / "checkpoints" / f"step-{STOP_AT:06d}"
+
+
+def _resumed_run(run_dir, overrides, checkpoint):
+    trainer = make_trainer(run_dir, overrides + [f"resume={checkpoint}"])
+    assert trainer.state.step == STOP_AT
+    assert trainer.train() == 0
+    return trainer.losses, full_params(trainer)
+
+
+def _on_ranks(rank, world_size, tmp_path, family, stops, resumes):
+    """Each layout in `stops` runs to the stop and saves; each (layout, checkpoint) in `resumes` continues."""
+    base = tiny_overrides(family, *EXTRA)
+    saved = {name: _stopped_run(tmp_path / f"{name}-stopped", base + LAYOUTS[name]) for name in stops}
+    resumed = {f"{source}->{name}": _resumed_run(tmp_path / f"{source}-to-{name}", base + LAYOUTS[name], path)
+               for name, source, path in resumes}
+    return saved, resumed
+
+
+def _merged(per_rank_results):
+    """Rank 0's stop checkpoints and losses; parameters merged over the ranks (pipeline stages differ)."""
+    saved, resumed = per_rank_results[0]
+    for _, others in per_rank_results[1:]:
+        for what, (_, params) in others.items():
+            resumed[what][1].update(params)
+    return saved, resumed
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
+def test_3d_checkpoint_resumes_on_other_layouts_and_back(tmp_path, family):
+    base = tiny_overrides(family, *EXTRA)
+    straight = make_trainer(tmp_path / "straight", base)
+    straight.train()
+    expected_params = full_params(straight)
+
+    saved, _ = run_on_ranks(_on_ranks, 8, tmp_path, family, ["pp2_tp2_dp2"], [])[0]
+    three_d = saved["pp2_tp2_dp2"]
+    single_stop = _stopped_run(tmp_path / "single-stopped", base)
+    saved, resumed = _merged(run_on_ranks(_on_ranks, 4, tmp_path, family, ["dp4", "tp4"],
+                                          [("dp4", "pp2_tp2_dp2", three_d), ("tp4", "pp2_tp2_dp2", three_d)]))
+    resumed["pp2_tp2_dp2->single"] = _resumed_run(tmp_path / "3d-to-single", base, three_d)
+    back = [("pp2_tp2_dp2", source, path) for source, path in [("single", single_stop), *saved.items()]]
+    resumed.update(_merged(run_on_ranks(_on_ranks, 8, tmp_path, family, [], back))[1])
+
+    assert len(resumed) == 6
+    for what, (losses, params) in resumed.items():
+        assert losses == pytest.approx(straight.losses[STOP_AT:], rel=1e-5, abs=1e-6), what
+        assert set(expected_params) <= set(params), what
+        for name, value in params.items():  # a pipeline's head copy of the tied table equals the table
+            expected = expected_params.get(name, expected_params["tok_embeddings.weight"])
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
