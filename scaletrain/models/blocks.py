@@ -106,6 +106,31 @@ def make_norm(cfg: ModelConfig) -> Norm:
 
 # ------------------------------------------------------------------------------------------ attention
 
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   is_causal: bool, dropout_p: float, scale: float | None, stream: int) -> torch.Tensor:
+    """SDPA on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout mask from the global RNG as
+    a single-device model does. A nonzero stream (tensor parallel: tp_rank + 1) draws it from a forked RNG
+    seeded by one draw of the global RNG mixed with the stream, so the tp ranks, seeded alike, do not give
+    their head shards the same mask (Megatron's model-parallel RNG region). The region is derived from the
+    global state, which advances alike on every rank (replicated dropout stays in sync), which activation
+    checkpointing's recompute restores (same masks), and which checkpoints already save (exact resume)."""
+    if dropout_p == 0.0 or stream == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
+                                              dropout_p=dropout_p, scale=scale)
+    # drawn on the CPU: no device sync, even under a CUDA default device
+    seed = int(torch.randint(2**62, (1,), device="cpu").item()) + stream
+    accelerator = q.device.type != "cpu"
+    with torch.random.fork_rng(devices=[q.device] if accelerator else [],
+                               device_type=q.device.type if accelerator else None):
+        torch.default_generator.manual_seed(seed)
+        if accelerator:  # only q's device: torch.manual_seed would reseed every device, unforked
+            device_module = torch.get_device_module(q.device.type)
+            with device_module.device(q.device):
+                device_module.manual_seed(seed)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
+                                              dropout_p=dropout_p, scale=scale)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections; self or cross (pass `memory`).
     The inner width H * Dh may differ from D (T5-11B: 128 heads x 128 over d_model 1024)."""
@@ -120,6 +145,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.attn_dropout
         self.scale = None if cfg.scale_attention else 1.0  # None: SDPA's default 1/sqrt(Dh)
+        self.dropout_stream = 0  # 0: single-device dropout; tp sets tp_rank + 1 (see attention_core)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -130,8 +156,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, Tq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal and bias is None,
-                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        y = attention_core(q, k, v, bias, is_causal and bias is None, self.dropout if self.training else 0.0,
+                           self.scale, self.dropout_stream)
         return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, D)
 
 

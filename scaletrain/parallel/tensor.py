@@ -27,6 +27,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, R
                                                SequenceParallel, parallelize_module)
 
 from scaletrain.configs.schema import ModelConfig
+from scaletrain.models.blocks import Attention
 
 log = logging.getLogger(__name__)
 
@@ -219,4 +220,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     if isinstance(logits_bias, torch.Tensor):
         # BART's (1, V) bias is added to vocab-sharded logits, so it is vocab-sharded the same way.
         model.final_logits_bias = distribute_tensor(logits_bias, tp_mesh, [Shard(1)])
+    # The tp ranks are seeded alike (replicated dropout needs equal masks), so attention-probability
+    # dropout on each rank's (B, H/tp, T, Dh) heads needs its own RNG stream or head h of every rank
+    # would share one mask. The MLP has no dropout between fc_in and fc_out, so attention is the only one.
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.dropout_stream = tp_mesh.get_local_rank() + 1
     return model
