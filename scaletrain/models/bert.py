@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import (Norm, activation, attention_bias, make_layers, make_norm, make_positions,
-                                      position_ids)
+from scaletrain.models.blocks import (IGNORE_INDEX, Norm, activation, attention_bias, make_layers, make_norm,
+                                      make_positions, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -77,12 +77,17 @@ class BERT(nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """MLM logits (B, T, V) and NSP logits (B, 2) or None. With MLM `labels` (B, T) the head scores only
+        the N labelled positions (about 15%) and returns (N, V) in row-major order, as fairseq's RoBERTa
+        does: the D x V decoder is the largest matmul of a small BERT, and the other 85% of its output
+        would be thrown away by the loss, which picks the same positions (registry.bert_loss)."""
         x = self.hidden_states(input_ids, token_type_ids, attention_mask)
         if self.mlm_head is None:
             return x
         nsp_logits = self.nsp_head(self.pooler(x)) if self.nsp_head is not None else None  # (B, 2)
-        return self.mlm_head(x), nsp_logits
+        scored = x if labels is None else x[labels != IGNORE_INDEX]  # (B, T, D) or (N, D)
+        return self.mlm_head(scored), nsp_logits
 
     def classify(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,16 +42,19 @@ def fused_impl(choice: str, device: torch.device) -> str:
     return "torch" if impl == "compile" else impl
 
 
+IGNORE_INDEX = -100  # label of a position no loss scores (PyTorch's and Hugging Face's convention)
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
                       kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(..., V) logits, (...) labels with -100 ignored -> (summed loss in fp32, number of counted labels).
     The fused kernel works in chunks of the vocab and never holds the fp32 softmax."""
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     if fused_impl(kernels_choice, logits.device) == "triton":
-        loss = kernels.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum", impl="triton")
+        loss = kernels.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum", impl="triton")
     else:
-        loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
-    return loss.float(), (labels != -100).sum()
+        loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss.float(), (labels != IGNORE_INDEX).sum()
 
 
 # ---------------------------------------------------------------------------------------------- masks

@@ -14,7 +14,7 @@ from scaletrain.configs import CONFIG_DIR, available
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.errors import ConfigError, UserError, one_line
 from scaletrain.models.bert import BERT
-from scaletrain.models.blocks import cross_entropy_sum
+from scaletrain.models.blocks import IGNORE_INDEX, cross_entropy_sum
 from scaletrain.models.encdec import EncoderDecoder
 from scaletrain.models.gpt import GPT
 
@@ -36,7 +36,10 @@ def bert_loss(outputs, batch: dict, kernels_choice: str = "auto") -> tuple[torch
     This stays exact under any data-parallel split or accumulation (BERT's own "mean MLM + mean NSP" does
     not: its NSP weight would depend on the masked-token count of each micro-batch)."""
     mlm_logits, nsp_logits = outputs
-    loss_sum, count = cross_entropy_sum(mlm_logits, batch["labels"], kernels_choice)
+    labels = batch["labels"]
+    if mlm_logits.shape[:-1] != labels.shape:  # the head scored only the labelled positions: (N, V)
+        labels = labels[labels != IGNORE_INDEX]
+    loss_sum, count = cross_entropy_sum(mlm_logits, labels, kernels_choice)
     if nsp_logits is not None and "next_sentence_label" in batch:
         nsp_sum, nsp_count = cross_entropy_sum(nsp_logits, batch["next_sentence_label"])
         loss_sum, count = loss_sum + nsp_sum, count + nsp_count
@@ -52,7 +55,8 @@ class FamilySpec:
 
 FAMILY_SPECS = {
     "gpt": FamilySpec(GPT, lm_loss, ("input_ids", "attention_mask")),
-    "bert": FamilySpec(BERT, bert_loss, ("input_ids", "token_type_ids", "attention_mask")),
+    # labels: the MLM head scores only the labelled positions (BERT.forward)
+    "bert": FamilySpec(BERT, bert_loss, ("input_ids", "token_type_ids", "attention_mask", "labels")),
     "encdec": FamilySpec(EncoderDecoder, lm_loss,
                          ("input_ids", "decoder_input_ids", "attention_mask", "decoder_attention_mask")),
 }

@@ -266,3 +266,24 @@ def test_bert_loss_adds_nsp_as_one_prediction_per_sequence():
     torch.testing.assert_close(loss_sum, mlm + nsp)
     loss_sum, count = get_spec("bert").loss_fn(outputs, {"labels": labels})
     assert count.item() == 2 and torch.allclose(loss_sum, mlm)
+
+
+def test_bert_head_on_labelled_positions_only_gives_the_full_head_loss_and_gradients():
+    model = materialize("bert_tiny")
+    ids, labels = token_ids(2, 8), torch.full((2, 8), -100)
+    labels[0, [1, 6]], labels[1, 3] = torch.tensor([5, 9]), 11
+    batch = {"labels": labels, "next_sentence_label": torch.tensor([0, 1])}
+    results = []
+    for passed in (None, labels):
+        model.zero_grad()
+        outputs = model(ids, labels=passed)
+        loss_sum, count = get_spec("bert").loss_fn(outputs, batch)
+        loss_sum.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((outputs[0].shape, loss_sum.detach(), count, grads))
+    (full_shape, full_loss, full_count, full_grads), (compact_shape, loss, count, grads) = results
+    assert full_shape == (2, 8, model.cfg.vocab_size) and compact_shape == (3, model.cfg.vocab_size)
+    assert count == full_count == 5  # 3 masked tokens + 2 NSP predictions
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)  # fp32: another summation order
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
