@@ -13,7 +13,9 @@ g = 3 if the FFN is gated (fc_in, fc_gate, fc_out) else 2, V = padded vocab, T =
 
   decoder-only (GPT):  T tokens through n_layers layers, keys T, output projection on every token.
   encoder-only (BERT): the same with bidirectional attention, plus the MLM transform; the pooler and
-                       NSP head are per sequence (2 * d * d + 2 * d * 2) and counted too.
+                       NSP head are per sequence (2 * d * d + 2 * d * 2) and counted too. Given labels
+                       the MLM head runs only on the labelled positions (models/bert.py), and only those
+                       are counted: `mlm_positions`.
   encoder-decoder:     T_enc tokens through n_layers encoder layers (keys T_enc); T_dec tokens through
                        the decoder layers: self-attention (keys T_dec), cross-attention q/out on decoder
                        tokens, cross k/v projections on the T_enc encoder outputs (once per decoder layer),
@@ -32,6 +34,7 @@ from typing import Optional
 import torch
 
 from scaletrain.configs.schema import ModelConfig
+from scaletrain.models.blocks import IGNORE_INDEX
 
 TRAINING_MULTIPLIER = 3
 
@@ -44,35 +47,40 @@ def _layer_flops(d: int, a: int, f: int, gated: bool, tokens: int, keys: int) ->
     return tokens * (projections + attention + mlp)
 
 
-def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1) -> int:
-    """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length."""
+def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1,
+                  mlm_positions: Optional[int] = None) -> int:
+    """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length,
+    `mlm_positions` the positions BERT's MLM head scores in the whole batch (None: every position)."""
     d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
     gated = cfg.activation.startswith("gated")
     vocab = cfg.padded_vocab_size(tp)
     if cfg.family == "gpt":
-        per_sequence = cfg.n_layers * _layer_flops(d, a, f, gated, seq_len, seq_len) + seq_len * 2 * d * vocab
-    elif cfg.family == "bert":
+        return batch_size * (cfg.n_layers * _layer_flops(d, a, f, gated, seq_len, seq_len) + seq_len * 2 * d * vocab)
+    if cfg.family == "bert":
         per_sequence = cfg.n_layers * _layer_flops(d, a, f, gated, seq_len, seq_len)
-        per_sequence += seq_len * (2 * d * d + 2 * d * vocab)  # MLM transform + tied decoder
         per_sequence += (2 * d * d if cfg.pooler else 0) + (2 * d * 2 if cfg.nsp_head else 0)
-    else:
-        t_enc, t_dec = seq_len, decoder_len or seq_len
-        encoder = cfg.n_layers * _layer_flops(d, a, f, gated, t_enc, t_enc)
-        decoder_self = _layer_flops(d, a, f, gated, t_dec, t_dec)
-        cross = t_dec * (2 * d * a + 2 * a * d + 4 * t_enc * a) + t_enc * 2 * d * 2 * a
-        per_sequence = encoder + cfg.decoder_layers * (decoder_self + cross) + t_dec * 2 * d * vocab
-    return batch_size * per_sequence
+        scored = batch_size * seq_len if mlm_positions is None else mlm_positions
+        return batch_size * per_sequence + scored * (2 * d * d + 2 * d * vocab)  # MLM transform + tied decoder
+    t_enc, t_dec = seq_len, decoder_len or seq_len
+    encoder = cfg.n_layers * _layer_flops(d, a, f, gated, t_enc, t_enc)
+    decoder_self = _layer_flops(d, a, f, gated, t_dec, t_dec)
+    cross = t_dec * (2 * d * a + 2 * a * d + 4 * t_enc * a) + t_enc * 2 * d * 2 * a
+    return batch_size * (encoder + cfg.decoder_layers * (decoder_self + cross) + t_dec * 2 * d * vocab)
 
 
-def training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1) -> int:
-    return TRAINING_MULTIPLIER * forward_flops(cfg, batch_size, seq_len, decoder_len, tp)
+def training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1,
+                   mlm_positions: Optional[int] = None) -> int:
+    return TRAINING_MULTIPLIER * forward_flops(cfg, batch_size, seq_len, decoder_len, tp, mlm_positions)
 
 
 def batch_flops(cfg: ModelConfig, batch: dict) -> int:
     """Training FLOPs of one micro-batch from its tensor shapes (the same formula for every family)."""
     batch_size, seq_len = batch["input_ids"].shape
     decoder_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
-    return training_flops(cfg, batch_size, seq_len, decoder_len)
+    mlm_positions = None
+    if cfg.family == "bert" and "labels" in batch:  # what the trainer passes: the head scores these only
+        mlm_positions = int((batch["labels"] != IGNORE_INDEX).sum())
+    return training_flops(cfg, batch_size, seq_len, decoder_len, mlm_positions=mlm_positions)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

@@ -36,6 +36,18 @@ def test_formula_matches_torch_flop_counter(name):
     assert batch_flops(cfg, batch) == train_counter.get_total_flops()
 
 
+def test_bert_counts_the_mlm_head_on_the_labelled_positions_it_scores():
+    cfg = load_model_config("bert_tiny")
+    model = build_model(cfg, "cpu")
+    batch = _inputs("bert", 2, 16, 0)
+    batch["labels"] = torch.full((2, 16), -100)
+    batch["labels"][0, [2, 5, 9]], batch["labels"][1, 4] = 7, 8
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as train_counter:
+        _scalar(model(**batch)).backward()
+    assert batch_flops(cfg, batch) == train_counter.get_total_flops()
+    assert batch_flops(cfg, batch) < training_flops(cfg, 2, 16)  # 4 of 32 positions reach the head
+
+
 def test_gpt_formula_matches_the_palm_count():
     # PaLM appendix B: 6 N + 12 L H Q T per token, N = non-embedding parameters + the output projection.
     cfg = load_model_config("gpt_tiny")
