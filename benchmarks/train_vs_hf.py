@@ -1,7 +1,8 @@
 """Training throughput and peak memory: scaletrain's models vs Hugging Face transformers, per family.
 
 Same architecture (GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration built from the matching
-config), same batch, same AdamW (foreach), dropout off, fp32. Every measurement runs in a fresh worker
+config), same batch, same AdamW (torch's fused kernel: the default of both scaletrain's trainer and Hugging
+Face's Trainer), dropout off, fp32. Every measurement runs in a fresh worker
 process so its peak memory is its own (CPU: peak RSS above the RSS right after building the model and the
 optimizer; CUDA: max_memory_allocated); the parent alternates scaletrain and HF workers round by round so
 load drift on the machine hits both alike, and reports the median tokens/s and the peak memory.
@@ -100,7 +101,7 @@ def worker(family: str, impl: str, steps: int) -> dict:
     torch.manual_seed(0)
     model, step = training_step_fn(family, impl, device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     generator = torch.Generator().manual_seed(0)
     batches = [{k: v.to(device) for k, v in make_batch(family, generator).items()} for _ in range(steps + 1)]
     baseline = _rss_bytes()

@@ -173,7 +173,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant | inverse_sqrt
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    implementation: str = "auto"  # auto (fused on CUDA, foreach elsewhere) | fused | foreach | for_loop
+    implementation: str = "auto"  # auto (fused on CUDA/CPU, for_loop when TP mixes DTensors and tensors) | fused | foreach | for_loop
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))

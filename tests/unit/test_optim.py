@@ -46,9 +46,27 @@ def test_decay_shrinks_only_the_decayed_group():
 
 def test_implementation_choice_on_cpu():
     model = torch.nn.Linear(4, 4)
-    adamw = build_optimizer(model, OptimConfig())
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["foreach"] and not adamw.defaults["fused"]
+    adamw = build_optimizer(model, OptimConfig())  # torch's fused AdamW has a CPU kernel: the default
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] and not adamw.defaults["foreach"]
+    foreach = build_optimizer(model, OptimConfig(implementation="foreach"))
+    assert foreach.defaults["foreach"] and not foreach.defaults["fused"]
     sgd = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9))
-    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
-    with pytest.raises(ConfigError, match="fused needs every parameter on CUDA"):
-        build_optimizer(model, OptimConfig(implementation="fused"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["foreach"]
+    with pytest.raises(ConfigError, match="fused has no kernel for parameters on meta"):
+        build_optimizer(torch.nn.Linear(4, 4, device="meta"), OptimConfig(implementation="fused"))
+
+
+def test_fused_and_foreach_adamw_take_the_same_steps():
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(m, OptimConfig(implementation=kind, weight_decay=0.1))
+                  for m, kind in zip(models, ("fused", "foreach"))]
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for model, optimizer in zip(models, optimizers):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
