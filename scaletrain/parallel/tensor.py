@@ -226,4 +226,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     for module in model.modules():
         if isinstance(module, Attention):
             module.dropout_stream = tp_mesh.get_local_rank() + 1
+    _keep_each_ranks_rng(tp_mesh)
     return model
+
+
+def _keep_each_ranks_rng(tp_mesh) -> None:
+    """DTensor's first random op (dropout on the sequence-parallel residual stream) on a CUDA mesh builds its
+    RNG tracker with a state sync: a broadcast of rank 0's generator over the default group, i.e. the whole
+    world. Every data-parallel replica and pipeline stage would then draw rank 0's dropout masks for the
+    rest of the run. A tracker built here without that sync keeps each rank's seeded state (seed + dp_rank,
+    the same on the tp ranks of a replica, which is what DTensor's per-shard offsets need). CPU meshes have
+    no DTensor RNG: dropout there runs on each local shard (the tp ranks' sequence shards then share masks)."""
+    if tp_mesh.device_type == "cpu":
+        return
+    from torch.distributed.tensor import _random
+
+    if _random._rng_tracker is None and _random.is_rng_supported_mesh(tp_mesh):
+        _random._rng_tracker = _random.OffsetBasedRNGTracker(tp_mesh, run_state_sync=False)

@@ -2,7 +2,6 @@
 own RNG stream (Attention.dropout_stream), derived from the global RNG so that the replicated regions stay
 in sync, activation checkpointing recomputes the same masks, and stream 0 is the single-device behaviour."""
 
-import copy
 
 import pytest
 import torch
@@ -114,3 +113,25 @@ def test_tensor_parallel_gives_each_rank_its_stream():
     (streams0, state0), (streams1, state1) = run_on_ranks(_tp_streams_and_rng, 2)
     assert streams0 and set(streams0) == {1} and set(streams1) == {2}
     assert torch.equal(state0, state1)  # the replicated residual dropout stays in sync across tp ranks
+
+
+def test_dtensor_rng_tracker_on_a_gpu_mesh_is_built_without_the_world_state_sync(monkeypatch):
+    # No GPU here: the tracker class is replaced by a recorder, to check what parallel/tensor.py asks for.
+    # torch's lazy default (run_state_sync=True) would broadcast rank 0's CUDA RNG state to every rank.
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import _random
+
+    from scaletrain.parallel import tensor
+
+    built = []
+    monkeypatch.setattr(_random, "_rng_tracker", None)
+    monkeypatch.setattr(_random, "is_rng_supported_mesh", lambda mesh: True)
+    monkeypatch.setattr(_random, "OffsetBasedRNGTracker",
+                        lambda mesh, run_state_sync: built.append(run_state_sync) or "tracker")
+    tensor._keep_each_ranks_rng(SimpleNamespace(device_type="cpu"))
+    assert built == [] and _random._rng_tracker is None  # CPU meshes have no DTensor RNG
+    tensor._keep_each_ranks_rng(SimpleNamespace(device_type="cuda"))
+    assert built == [False] and _random._rng_tracker == "tracker"
+    tensor._keep_each_ranks_rng(SimpleNamespace(device_type="cuda"))  # an existing tracker is kept
+    assert built == [False]
