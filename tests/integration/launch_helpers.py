@@ -1,11 +1,15 @@
-"""Finding the workers a launcher started, to kill -9 exactly one of them (never by name)."""
+"""Starting a launcher in the background and finding the workers it started, to kill -9 exactly one of
+them (never by name)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def descendants(root: int) -> list[int]:
@@ -48,3 +52,26 @@ def kill_tree(root: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def background_launch(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Popen with its output in `log_path` (a file, not a pipe nobody reads while the test waits). On the
+    way out, a launcher still running (the test failed or timed out) is killed with all its workers."""
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            yield launcher
+        finally:
+            if launcher.poll() is None:
+                kill_tree(launcher.pid)
+                launcher.wait()
+
+
+def wait_until(condition: Callable[[], bool], launcher: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `condition` while the launcher runs; fail naming `what` when it exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and launcher.poll() is None, what
+        time.sleep(0.1)

@@ -9,33 +9,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import kill_tree, worker_with_rank
+from launch_helpers import background_launch, wait_until, worker_with_rank
 
 PROBE = Path(__file__).with_name("launch_probe.py")
 STEPS = 30
 
 
 def start_and_kill_rank_one(tmp_path: Path, max_restarts: int) -> subprocess.CompletedProcess:
-    log = open(tmp_path / "launch.log", "w")  # a file, not a pipe nobody reads while we wait
-    launcher = subprocess.Popen([sys.executable, str(PROBE), "elastic", "4", str(max_restarts), str(tmp_path),
-                                 str(STEPS), "0.2"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        state = tmp_path / "state.json"
-        deadline = time.monotonic() + 120
-        while not (state.exists() and json.loads(state.read_text())["step"] >= 3):
-            assert time.monotonic() < deadline and launcher.poll() is None, "the workers never got going"
-            time.sleep(0.1)
+    command = [sys.executable, str(PROBE), "elastic", "4", str(max_restarts), str(tmp_path), str(STEPS), "0.2"]
+    state = tmp_path / "state.json"
+    with background_launch(command, tmp_path / "launch.log") as launcher:
+        wait_until(lambda: state.exists() and json.loads(state.read_text())["step"] >= 3, launcher, 120,
+                   "the workers never got going")
         os.kill(worker_with_rank(launcher.pid, 1, program=str(PROBE).encode()), signal.SIGKILL)
         launcher.wait(timeout=240)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher.pid)
-            launcher.wait()
-        log.close()
     return subprocess.CompletedProcess(launcher.args, launcher.returncode, (tmp_path / "launch.log").read_text())
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import kill_tree, worker_with_rank
+from launch_helpers import background_launch, wait_until, worker_with_rank
 from slurm_cluster import slurm  # noqa: F401  (module-scoped fixture: starts and stops the daemons)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -128,22 +128,11 @@ def test_killed_rank_of_a_local_four_process_run_restarts_resumes_and_matches(re
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scaletrain.cli", "train", *TINY, "launcher.nproc_per_node=4",
                "launcher.max_restarts=1", f"hydra.run.dir={run_dir}"]
-    log = open(tmp_path / "launch.log", "w")  # a file, not a pipe nobody reads while we wait
-    launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        checkpoint = run_dir / "checkpoints" / "step-000008" / "scaletrain.json"
-        deadline = time.monotonic() + 400
-        while not checkpoint.exists():
-            assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint at step 8"
-            time.sleep(0.1)
+    checkpoint = run_dir / "checkpoints" / "step-000008" / "scaletrain.json"
+    with background_launch(command, tmp_path / "launch.log") as launcher:
+        wait_until(checkpoint.exists, launcher, 400, "no checkpoint at step 8")
         os.kill(worker_with_rank(launcher.pid, 1, program=b"scaletrain.cli"), signal.SIGKILL)
         launcher.wait(timeout=600)
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher.pid)
-            launcher.wait()
-        log.close()
     output = (tmp_path / "launch.log").read_text()
     assert launcher.returncode == 0, output
     assert "resumed from" in (run_dir / "train.log").read_text(), output
@@ -187,21 +176,12 @@ def test_bad_slurm_request_is_one_line_exit_2_and_no_job(slurm, tmp_path, overri
 def test_sigterm_to_a_local_run_saves_exits_3_and_the_rerun_resumes_and_matches(reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "launcher.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
-    log = open(tmp_path / "launch.log", "w")
-    launcher = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", "train", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 300
-        while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6):
-            assert time.monotonic() < deadline and launcher.poll() is None, "training never got going"
-            time.sleep(0.1)
+    command = [sys.executable, "-m", "scaletrain.cli", "train", *args]
+    with background_launch(command, tmp_path / "launch.log") as launcher:
+        wait_until(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6,
+                   launcher, 300, "training never got going")
         launcher.send_signal(signal.SIGTERM)  # the elastic agent passes it to both workers
         assert launcher.wait(timeout=120) == 3  # saved, asks for a requeue
-    finally:
-        if launcher.poll() is None:
-            kill_tree(launcher.pid)
-            launcher.wait()
-        log.close()
     output = (tmp_path / "launch.log").read_text()
     stopped_at = int(output.split("stopped by signal 15 at step ")[1].split(";")[0])
     assert 6 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step-{stopped_at:06d}").is_dir(), output
