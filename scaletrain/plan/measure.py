@@ -8,6 +8,7 @@ DTensor outputs are measured by their local shard, so the same works per rank un
 from __future__ import annotations
 
 import dataclasses
+import gc
 import weakref
 
 import torch
@@ -49,6 +50,7 @@ def kept_bytes(model: torch.nn.Module, batch: dict) -> int:
     exclude = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
     with LiveOutputs() as tracker:
         outputs = model(**batch)
+    gc.collect()  # garbage in reference cycles (DTensor / autograd internals) is not kept for backward
     kept = tracker.live_bytes(exclude)
     del outputs
     return kept
