@@ -5,6 +5,7 @@ loss live in small named functions so the kernels layer can later route them thr
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -112,27 +113,34 @@ def make_norm(cfg: ModelConfig) -> Norm:
 
 # ------------------------------------------------------------------------------------------ attention
 
+@contextlib.contextmanager
+def rng_stream(device: torch.device, stream: int):
+    """Run the body on a forked RNG seeded by one draw of the global RNG mixed with `stream`, so ranks that
+    are seeded alike (the tp ranks of one replica) draw different dropout masks for their shards
+    (Megatron's model-parallel RNG region). The fork is derived from the global state, which advances
+    alike on every rank (replicated dropout stays in sync), which activation checkpointing's recompute
+    restores (same masks), and which checkpoints already save (exact resume)."""
+    seed = int(torch.randint(2**62, (1,), device="cpu").item()) + stream  # on the CPU: no device sync
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accelerator else [],
+                               device_type=device.type if accelerator else None):
+        torch.default_generator.manual_seed(seed)
+        if accelerator:  # only this device: torch.manual_seed would reseed every device, unforked
+            device_module = torch.get_device_module(device.type)
+            with device_module.device(device):
+                device_module.manual_seed(seed)
+        yield
+
+
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    is_causal: bool, dropout_p: float, scale: float | None, stream: int) -> torch.Tensor:
     """SDPA on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout mask from the global RNG as
-    a single-device model does. A nonzero stream (tensor parallel: tp_rank + 1) draws it from a forked RNG
-    seeded by one draw of the global RNG mixed with the stream, so the tp ranks, seeded alike, do not give
-    their head shards the same mask (Megatron's model-parallel RNG region). The region is derived from the
-    global state, which advances alike on every rank (replicated dropout stays in sync), which activation
-    checkpointing's recompute restores (same masks), and which checkpoints already save (exact resume)."""
+    a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1, each rank holding H/tp
+    heads) draws it inside rng_stream."""
     if dropout_p == 0.0 or stream == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
                                               dropout_p=dropout_p, scale=scale)
-    # drawn on the CPU: no device sync, even under a CUDA default device
-    seed = int(torch.randint(2**62, (1,), device="cpu").item()) + stream
-    accelerator = q.device.type != "cpu"
-    with torch.random.fork_rng(devices=[q.device] if accelerator else [],
-                               device_type=q.device.type if accelerator else None):
-        torch.default_generator.manual_seed(seed)
-        if accelerator:  # only q's device: torch.manual_seed would reseed every device, unforked
-            device_module = torch.get_device_module(q.device.type)
-            with device_module.device(q.device):
-                device_module.manual_seed(seed)
+    with rng_stream(q.device, stream):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
                                               dropout_p=dropout_p, scale=scale)
 
@@ -288,11 +296,20 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg) if cross_attention else None
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        # 0: one mask stream for the whole residual stream. Sequence parallel on a CPU mesh sets tp_rank + 1:
+        # each rank holds a (B, T/tp, D) shard, and DTensor has no CPU RNG to give the shards their own masks
+        self.dropout_stream = 0
+
+    def residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_stream == 0 or not self.training or self.dropout.p == 0.0:
+            return self.dropout(x)
+        with rng_stream(x.device, self.dropout_stream):
+            return self.dropout(x)
 
     def sublayer(self, x: torch.Tensor, norm: Norm, fn) -> torch.Tensor:
         if self.pre_norm:
-            return x + self.dropout(fn(norm(x)))
-        return norm(x + self.dropout(fn(x)))
+            return x + self.residual_dropout(fn(norm(x)))
+        return norm(x + self.residual_dropout(fn(x)))
 
     def add_dropout_norm(self, branch: torch.Tensor, residual: torch.Tensor,
                          norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +340,7 @@ class Block(nn.Module):
         normed = steps[0][0](x)
         for (_, fn), (next_norm, _) in zip(steps, steps[1:]):
             normed, x = self.add_dropout_norm(fn(normed), x, next_norm)
-        return x + self.dropout(steps[-1][1](normed))
+        return x + self.residual_dropout(steps[-1][1](normed))
 
 
 def make_layers(cfg: ModelConfig, n_layers: int, cross_attention: bool = False) -> nn.ModuleDict:

@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, R
                                                SequenceParallel, parallelize_module)
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import Attention
+from scaletrain.models.blocks import Attention, Block
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     # The tp ranks are seeded alike (replicated dropout needs equal masks), so attention-probability
     # dropout on each rank's (B, H/tp, T, Dh) heads needs its own RNG stream or head h of every rank
     # would share one mask. The MLP has no dropout between fc_in and fc_out, so attention is the only one.
+    # Sequence parallel: the residual stream's dropout acts on (B, T/tp, D) shards; on CUDA DTensor's
+    # offset RNG gives each shard its own piece of one global mask, a CPU mesh needs a stream per rank.
+    residual_streams = sequence_parallel and tp_mesh.device_type == "cpu"
     for module in model.modules():
         if isinstance(module, Attention):
+            module.dropout_stream = tp_mesh.get_local_rank() + 1
+        if isinstance(module, Block) and residual_streams:
             module.dropout_stream = tp_mesh.get_local_rank() + 1
     _keep_each_ranks_rng(tp_mesh)
     return model
@@ -236,7 +241,7 @@ def _keep_each_ranks_rng(tp_mesh) -> None:
     world. Every data-parallel replica and pipeline stage would then draw rank 0's dropout masks for the
     rest of the run. A tracker built here without that sync keeps each rank's seeded state (seed + dp_rank,
     the same on the tp ranks of a replica, which is what DTensor's per-shard offsets need). CPU meshes have
-    no DTensor RNG: dropout there runs on each local shard (the tp ranks' sequence shards then share masks)."""
+    no DTensor RNG: there the blocks draw sequence-parallel dropout from a stream per rank instead."""
     if tp_mesh.device_type == "cpu":
         return
     from torch.distributed.tensor import _random

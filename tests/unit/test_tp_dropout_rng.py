@@ -115,6 +115,38 @@ def test_tensor_parallel_gives_each_rank_its_stream():
     assert torch.equal(state0, state1)  # the replicated residual dropout stays in sync across tp ranks
 
 
+def _residual_dropout_mask(rank, world_size, sequence_parallel):
+    """The first block's residual dropout mask on this rank's piece of the stream."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from scaletrain.parallel.tensor import apply_tensor_parallel, padded_model_config
+
+    cfg = padded_model_config(load_model_config("gpt_tiny", {"dropout": 0.5, "attn_dropout": 0.0}), world_size)
+    model = build_model(cfg, "cpu").train()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    apply_tensor_parallel(model, mesh, sequence_parallel)
+    masks = []
+
+    def record(module, inputs, output):
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in (inputs[0], output)]
+        masks.append((local[1] == 0) & (local[0] != 0))
+
+    model.layers["0"].dropout.register_forward_hook(record)
+    torch.manual_seed(0)  # the trainer seeds all tp ranks of a replica alike
+    model(input_ids=torch.randint(1, 200, (2, 16)))
+    return masks[0]
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_sequence_parallel_shards_get_their_own_residual_masks(sequence_parallel):
+    mask0, mask1 = run_on_ranks(_residual_dropout_mask, 2, sequence_parallel)
+    assert 0.3 < mask0.float().mean() < 0.7
+    if sequence_parallel:  # (B, T/2, D) shards of one stream: independent masks, not one pattern twice
+        assert mask0.shape == (2, 8, mask0.shape[-1]) and not torch.equal(mask0, mask1)
+    else:  # replicated (B, T, D) activations: every tp rank must drop the same elements
+        assert mask0.shape == (2, 16, mask0.shape[-1]) and torch.equal(mask0, mask1)
+
+
 def test_dtensor_rng_tracker_on_a_gpu_mesh_is_built_without_the_world_state_sync(monkeypatch):
     # No GPU here: the tracker class is replaced by a recorder, to check what parallel/tensor.py asks for.
     # torch's lazy default (run_state_sync=True) would broadcast rank 0's CUDA RNG state to every rank.
