@@ -95,10 +95,11 @@ def _first_over_ranks(problem: Optional[str], group) -> Optional[str]:
 
 
 def _read_aliases_from(state: dict[str, dict], saved_keys: set[str], aliases: Mapping[str, str]) -> Callable[[], None]:
-    """Entries the checkpoint lacks but holds under an alias: renamed to the alias for the load, or copied
-    from it afterwards when this rank requests the alias too. Returns the function that puts them back."""
+    """Entries the checkpoint lacks but holds under an alias: renamed to the alias for the load, or, when
+    this rank requests the alias too (a V schedule puts both tied copies on one rank), set aside and
+    copied from it afterwards. Returns the function that puts them back."""
     renamed: list[tuple[dict, str, str]] = []
-    copied: list[tuple[dict, str, str]] = []
+    set_aside: list[tuple[dict, str, str, Any]] = []
     for top, entries in state.items():
         for key in list(entries):
             if f"{top}.{key}" in saved_keys:
@@ -110,7 +111,7 @@ def _read_aliases_from(state: dict[str, dict], saved_keys: set[str], aliases: Ma
                 if f"{top}.{alias}" not in saved_keys:
                     continue
                 if alias in entries:
-                    copied.append((entries, key, alias))
+                    set_aside.append((entries, key, alias, entries.pop(key)))
                 else:
                     entries[alias] = entries.pop(key)
                     renamed.append((entries, key, alias))
@@ -118,9 +119,10 @@ def _read_aliases_from(state: dict[str, dict], saved_keys: set[str], aliases: Ma
     def put_back() -> None:
         for entries, key, alias in renamed:
             entries[key] = entries.pop(alias)
-        for entries, key, alias in copied:
-            if isinstance(entries[key], torch.Tensor):
-                entries[key].copy_(entries[alias])
+        for entries, key, alias, value in set_aside:
+            if isinstance(value, torch.Tensor):
+                value.copy_(entries[alias])
+                entries[key] = value
             else:
                 entries[key] = entries[alias]
     return put_back

@@ -17,6 +17,8 @@ LAYOUTS = {
     "dp4": ["parallel.dp_shard=4", "parallel.zero=3"],
     "tp4": ["parallel.tp=4", "parallel.dp_shard=1"],
     "single": [],
+    # ZBV: rank 0 holds stages 0 and 3, so both copies of the tied table (needs 4 layers)
+    "pp2_zbv": ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.pp_schedule=zbv", "parallel.dp_shard=1"],
 }
 
 
@@ -34,9 +36,9 @@ def _resumed_run(run_dir, overrides, checkpoint):
     return trainer.losses, full_params(trainer)
 
 
-def _on_ranks(rank, world_size, tmp_path, family, stops, resumes):
+def _on_ranks(rank, world_size, tmp_path, family, stops, resumes, extra=()):
     """Each layout in `stops` runs to the stop and saves; each (layout, checkpoint) in `resumes` continues."""
-    base = tiny_overrides(family, *EXTRA)
+    base = tiny_overrides(family, *EXTRA, *extra)
     saved = {name: _stopped_run(tmp_path / f"{name}-stopped", base + LAYOUTS[name]) for name in stops}
     resumed = {f"{source}->{name}": _resumed_run(tmp_path / f"{source}-to-{name}", base + LAYOUTS[name], path)
                for name, source, path in resumes}
@@ -75,3 +77,18 @@ def test_3d_checkpoint_resumes_on_other_layouts_and_back(tmp_path, family):
         for name, value in params.items():  # a pipeline's head copy of the tied table equals the table
             expected = expected_params.get(name, expected_params["tok_embeddings.weight"])
             torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
+
+
+def test_v_schedule_rank_with_both_tied_copies_resumes_from_one_process(tmp_path):
+    base = tiny_overrides("gpt", *EXTRA, "model.n_layers=4")
+    straight = make_trainer(tmp_path / "straight", base)
+    straight.train()
+    single_stop = _stopped_run(tmp_path / "single-stopped", base)
+    _, resumed = _merged(run_on_ranks(_on_ranks, 2, tmp_path, "gpt", [], [("pp2_zbv", "single", single_stop)],
+                                      ["model.n_layers=4"]))
+    losses, params = resumed["single->pp2_zbv"]
+    assert losses == pytest.approx(straight.losses[STOP_AT:], rel=1e-5, abs=1e-6)
+    expected = full_params(straight)
+    for name, value in params.items():
+        torch.testing.assert_close(value, expected.get(name, expected["tok_embeddings.weight"]), rtol=1e-4,
+                                   atol=1e-6, msg=name)
