@@ -77,21 +77,21 @@ def load_model_and_optimizer(path: str | Path, model: torch.nn.Module, optimizer
                    options=STATE_DICT_OPTIONS)
 
 
-def _union_over_ranks(keys: set[str], group) -> set[str]:
-    if not _distributed():
-        return keys
+def _gather(value: Any, group) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, sorted(keys), group=group)
-    return set().union(*gathered)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _union_over_ranks(keys: set[str], group) -> set[str]:
+    return set().union(*_gather(sorted(keys), group)) if _distributed() else keys
 
 
 def _first_over_ranks(problem: Optional[str], group) -> Optional[str]:
     """The lowest rank's problem, on every rank: raising on some ranks only would hang the others in dcp.load."""
     if not _distributed():
         return problem
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, problem, group=group)
-    return next((p for p in gathered if p is not None), None)
+    return next((p for p in _gather(problem, group) if p is not None), None)
 
 
 def _read_aliases_from(state: dict[str, dict], saved_keys: set[str], aliases: Mapping[str, str]) -> Callable[[], None]:

@@ -155,16 +155,20 @@ def assert_matches_single_process(name, results_per_rank, case_index, reference)
     assert torch.equal(owned["tok_embeddings.weight"], owned[head]), f"{name}: tied copies drifted apart"
 
 
+def assert_every_family_matches(world_size, fields):
+    names = list(FAMILY_MODELS)
+    results = run_on_ranks(_pipeline_cases, world_size, [(name, fields) for name in names], timeout=600)
+    for index, name in enumerate(names):
+        assert_matches_single_process(name, results, index, single_process_run(name))
+
+
 @pytest.mark.parametrize("world_size,fields", [
     (2, dict(pp=2, pp_schedule="1f1b")),
     (4, dict(pp=4, pp_schedule="1f1b")),
     (2, dict(pp=2, pp_virtual=2, pp_schedule="interleaved_1f1b")),
 ], ids=["pp2_1f1b", "pp4_1f1b", "pp2_interleaved_v2"])
 def test_pipeline_matches_single_process(world_size, fields):
-    names = list(FAMILY_MODELS)
-    results = run_on_ranks(_pipeline_cases, world_size, [(name, fields) for name in names], timeout=600)
-    for index, name in enumerate(names):
-        assert_matches_single_process(name, results, index, single_process_run(name))
+    assert_every_family_matches(world_size, fields)
 
 
 def test_every_schedule_matches_single_process():
@@ -185,10 +189,7 @@ def test_every_schedule_matches_single_process():
     (4, dict(pp=2, dp_shard=2, zero=3, activation_checkpointing="full")),
 ], ids=["pp2_tp2", "pp2_dp2_zero3_ac"])
 def test_pipeline_composes_with_tensor_and_data_parallel(world_size, fields):
-    names = list(FAMILY_MODELS)
-    results = run_on_ranks(_pipeline_cases, world_size, [(name, fields) for name in names], timeout=600)
-    for index, name in enumerate(names):
-        assert_matches_single_process(name, results, index, single_process_run(name))
+    assert_every_family_matches(world_size, fields)
 
 
 def test_pipeline_with_zero1_and_replicated_data_parallel():

@@ -105,6 +105,16 @@ def test_mlm_selects_15_percent_with_80_10_10():
     binomial_close(kept / selected_total, 0.1 + 0.1 * p_random_hits_original, selected_total)
 
 
+def assert_whole_words_selected(example, window, word_start) -> np.ndarray:
+    """Every word with a selected (labelled) piece is selected whole; returns the selection (with CLS/SEP)."""
+    tokens = np.concatenate(([CLS], window, [SEP]))
+    selected = example["labels"] != -100
+    words = words_of(tokens, word_start)
+    for word in np.unique(words[selected]):
+        assert selected[words == word].all(), "a word was only partly masked"
+    return selected
+
+
 def test_whole_word_masking_takes_whole_words():
     rng = np.random.default_rng(2)
     word_start = rng.random(VOCAB) < 0.6  # ~1.7 pieces per word
@@ -113,11 +123,7 @@ def test_whole_word_masking_takes_whole_words():
     for _ in range(500):
         window = stream(rng, 254)
         example = objective(window, rng)
-        tokens = np.concatenate(([CLS], window, [SEP]))
-        selected = example["labels"] != -100
-        words = words_of(tokens, word_start)
-        for word in np.unique(words[selected]):
-            assert selected[words == word].all(), "a word was only partly masked"
+        selected = assert_whole_words_selected(example, window, word_start)
         budget = round(0.15 * 254)
         assert selected.sum() <= budget + 3  # only the very first word may overshoot
         fractions.append(selected.sum() / 254)
@@ -204,11 +210,7 @@ def test_span_bert_spans_cover_whole_words():
     for _ in range(200):
         window = stream(rng, 254)
         example = objective(window, rng)
-        tokens = np.concatenate(([CLS], window, [SEP]))
-        selected = example["labels"] != -100
-        words = words_of(tokens, word_start)
-        for word in np.unique(words[selected]):
-            assert selected[words == word].all()
+        assert_whole_words_selected(example, window, word_start)
 
 
 # ----------------------------------------------------------------------------- T5
