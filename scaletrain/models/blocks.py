@@ -137,10 +137,8 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     """SDPA on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout mask from the global RNG as
     a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1, each rank holding H/tp
     heads) draws it inside rng_stream."""
-    if dropout_p == 0.0 or stream == 0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
-                                              dropout_p=dropout_p, scale=scale)
-    with rng_stream(q.device, stream):
+    forked = dropout_p > 0.0 and stream != 0
+    with rng_stream(q.device, stream) if forked else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,
                                               dropout_p=dropout_p, scale=scale)
 
@@ -301,9 +299,8 @@ class Block(nn.Module):
         self.dropout_stream = 0
 
     def residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout_stream == 0 or not self.training or self.dropout.p == 0.0:
-            return self.dropout(x)
-        with rng_stream(x.device, self.dropout_stream):
+        forked = self.dropout_stream != 0 and self.training and self.dropout.p > 0.0
+        with rng_stream(x.device, self.dropout_stream) if forked else contextlib.nullcontext():
             return self.dropout(x)
 
     def sublayer(self, x: torch.Tensor, norm: Norm, fn) -> torch.Tensor:
