@@ -58,6 +58,7 @@ class ModelConfig:
     pad_token_id: int = 0
     pad_vocab_multiple: int = 128
     kernels: str = "auto"  # auto | triton | torch | compile
+    attention: str = "auto"  # auto (FlexAttention for masks and biases on CUDA, SDPA elsewhere) | sdpa | flex
     scale_attention: bool = True  # False for T5: its 1/sqrt(d_head) is folded into the init of q_proj
     scale_decoder_output: bool = False  # T5 v1.0: decoder output * d_model**-0.5 before the tied lm_head
     final_logits_bias: bool = False  # BART: a (1, vocab) buffer added to the logits
@@ -85,6 +86,7 @@ class ModelConfig:
         _choice("model.norm_position", self.norm_position, ("pre", "post"))
         _choice("model.activation", self.activation, ("gelu", "gelu_tanh", "relu", "gated_gelu", "gated_relu"))
         _choice("model.kernels", self.kernels, ("auto", "triton", "torch", "compile"))
+        _choice("model.attention", self.attention, ("auto", "sdpa", "flex"))
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0,
                f"model.dropout={self.dropout}/attn_dropout={self.attn_dropout} must be in [0, 1)")
         _check(self.pad_vocab_multiple >= 1, "model.pad_vocab_multiple must be >= 1")
@@ -378,6 +380,15 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     stages = p.pp * p.pp_virtual
     _check(p.pp_split is not None or layers >= stages,
            f"{layers} layers cannot fill parallel.pp x pp_virtual = {stages} stages; lower pp or pp_virtual")
+    _check(m.attention != "flex" or cfg.cluster.device != "cpu" or cfg.dry_run.world_size > 0,
+           f"model.attention=flex cannot train on the CPU (torch {torch_version()} has no FlexAttention "
+           "backward there); use model.attention=auto or sdpa")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]

@@ -8,7 +8,7 @@ from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.models.blocks import (IGNORE_INDEX, Norm, activation, attention_bias, make_layers, make_norm,
-                                      make_positions, position_ids)
+                                      make_positions, mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -71,7 +71,8 @@ class BERT(nn.Module):
         # a later pipeline stage has no embeddings and receives hidden states (B, T, D)
         x = self.embed(input_ids, token_type_ids) if self.tok_embeddings is not None else input_ids
         T = x.shape[1]
-        bias = attention_bias(attention_mask, False, T, T, x.dtype, x.device)
+        bias = attention_bias(attention_mask, False, T, T, x.dtype, x.device,
+                              backend=mask_backend(self.cfg, x.device, self.training))
         for layer in self.layers.values():
             x = layer(x, bias=bias)
         return self.final_norm(x) if self.final_norm is not None else x

@@ -14,6 +14,7 @@ from torch import nn
 
 from scaletrain import kernels
 from scaletrain.configs.schema import ModelConfig
+from scaletrain.models.flex import FlexBias, flex_attention_core, flex_available
 
 
 # ----------------------------------------------------------------------------------------- functional ops
@@ -63,15 +64,43 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------- masks
 
+def attention_backend(choice: str, device: torch.device) -> str:
+    """model.attention -> "sdpa" | "flex". auto: FlexAttention on CUDA, where SDPA would run its math kernel
+    for any float mask (padding, T5's bias) and hold the (B, H, Tq, Tk) scores; SDPA elsewhere: torch's
+    FlexAttention has no CPU backward, and SDPA's CPU flash kernel already takes masks that need no gradient."""
+    if choice == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+    return choice
+
+
+def mask_backend(cfg: ModelConfig, device: torch.device, training: bool) -> str:
+    """The form attention_bias builds for a stack: FlexAttention has no dropout on the probabilities, so a
+    training run with attention dropout keeps SDPA (and its dense mask)."""
+    backend = attention_backend(cfg.attention, device)
+    if backend == "flex" and training and cfg.attn_dropout > 0.0:
+        return "sdpa"
+    return backend
+
+
 def attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int,
                    dtype: torch.dtype, device: torch.device,
-                   position_bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Additive float mask (B|1, H|1, Tq, Tk) for SDPA, or None when plain (causal) SDPA suffices.
+                   position_bias: torch.Tensor | None = None, backend: str = "sdpa"):
+    """What attention adds to its scores, built once per stack and shared by its layers: None when plain
+    (causal) SDPA suffices, a FlexBias for backend "flex", else an additive float mask (B|1, H|1, Tq, Tk).
 
-    attention_mask (B, Tk) holds 1 for tokens and 0 for padding. A large finite negative (not -inf) keeps
-    rows that see no key at all finite, as Hugging Face does."""
+    attention_mask (B, Tk) holds 1 for tokens and 0 for padding; position_bias (1, H, Tq, Tk) is T5's."""
     if attention_mask is None and position_bias is None:
         return None  # the caller passes is_causal=causal to SDPA: the fast kernels apply
+    if backend == "flex":
+        return FlexBias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
+    return dense_attention_bias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
+
+
+def dense_attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int,
+                         dtype: torch.dtype, device: torch.device,
+                         position_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B|1, H|1, Tq, Tk) additive mask for SDPA. A large finite negative (not -inf) keeps rows that see no
+    key at all finite, as Hugging Face does."""
     neg = torch.finfo(dtype).min
     bias = torch.zeros(1, 1, q_len, k_len, dtype=dtype, device=device)
     if causal:
@@ -132,11 +161,15 @@ def rng_stream(device: torch.device, stream: int):
         yield
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | FlexBias | None,
                    is_causal: bool, dropout_p: float, scale: float | None, stream: int) -> torch.Tensor:
-    """SDPA on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout mask from the global RNG as
-    a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1, each rank holding H/tp
+    """SDPA (FlexAttention for a FlexBias) on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout
+    mask from the global RNG as a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1, each rank holding H/tp
     heads) draws it inside rng_stream."""
+    if isinstance(bias, FlexBias):
+        if dropout_p == 0.0:
+            return flex_attention_core(q, k, v, bias, scale)
+        bias = bias.dense()  # FlexAttention cannot drop out probabilities
     forked = dropout_p > 0.0 and stream != 0
     with rng_stream(q.device, stream) if forked else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,

@@ -14,7 +14,7 @@ from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.models.blocks import (RelativePositionBias, attention_bias, last_token_index, make_layers, make_norm,
-                                      make_positions, position_ids)
+                                      make_positions, mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -44,10 +44,12 @@ class Stack(nn.Module):
             x = self.dropout(x)
         T = x.shape[1]
         position_bias = self.relative_bias(T, T) if self.relative_bias is not None else None
-        bias = attention_bias(attention_mask, self.is_decoder, T, T, x.dtype, x.device, position_bias)
+        bias = attention_bias(attention_mask, self.is_decoder, T, T, x.dtype, x.device, position_bias,
+                              backend=mask_backend(self.cfg, x.device, self.training))
         memory_bias = None
         if self.is_decoder and memory_mask is not None:
-            memory_bias = attention_bias(memory_mask, False, T, memory.shape[1], x.dtype, x.device)
+            memory_bias = attention_bias(memory_mask, False, T, memory.shape[1], x.dtype, x.device,
+                                         backend=mask_backend(self.cfg, x.device, self.training))
         for layer in self.layers.values():
             x = layer(x, bias=bias, is_causal=self.is_decoder, memory=memory, memory_bias=memory_bias)
         if self.final_norm is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.models.blocks import (attention_bias, last_token_index, make_layers, make_norm, make_positions,
-                                      position_ids)
+                                      mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -37,7 +37,8 @@ class GPT(nn.Module):
         else:
             x = input_ids  # a later pipeline stage: already (B, T, D)
         T = x.shape[1]
-        bias = attention_bias(attention_mask, True, T, T, x.dtype, x.device)
+        bias = attention_bias(attention_mask, True, T, T, x.dtype, x.device,
+                              backend=mask_backend(self.cfg, x.device, self.training))
         for layer in self.layers.values():
             x = layer(x, bias=bias, is_causal=True)
         return self.final_norm(x) if self.final_norm is not None else x

@@ -21,7 +21,7 @@ from torch import nn
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.models.bert import BERT
-from scaletrain.models.blocks import attention_bias, position_ids
+from scaletrain.models.blocks import attention_bias, mask_backend, position_ids
 from scaletrain.models.init import init_model_weights
 from scaletrain.parallel.pipeline_split import StagePlan
 
@@ -90,7 +90,8 @@ class GPTStage(StageModule):
                 x = x + self.pos_embeddings(position_ids(ids, self.cfg))
             x = self.dropout(x)
         T = x.shape[1]
-        bias = attention_bias(attention_mask, True, T, T, x.dtype, x.device)
+        bias = attention_bias(attention_mask, True, T, T, x.dtype, x.device,
+                              backend=mask_backend(self.cfg, x.device, self.training))
         for layer in self.layers.values():
             x = layer(x, bias=bias, is_causal=True)
         if not self.plan.is_last:
@@ -106,7 +107,8 @@ class BERTStage(StageModule):
         if self.plan.is_first:
             x = self.embed(x, token_type_ids)
         T = x.shape[1]
-        bias = attention_bias(attention_mask, False, T, T, x.dtype, x.device)
+        bias = attention_bias(attention_mask, False, T, T, x.dtype, x.device,
+                              backend=mask_backend(self.cfg, x.device, self.training))
         for layer in self.layers.values():
             x = layer(x, bias=bias)
         if not self.plan.is_last:
@@ -154,7 +156,8 @@ class EncoderDecoderStage(StageModule):
 
         if plan.start < plan.n_encoder:  # this stage runs encoder layers
             S = enc.shape[1]
-            bias = attention_bias(attention_mask, False, S, S, enc.dtype, enc.device, enc_bias)
+            bias = attention_bias(attention_mask, False, S, S, enc.dtype, enc.device, enc_bias,
+                                  backend=mask_backend(self.cfg, enc.device, self.training))
             for layer in self.encoder.layers.values():
                 enc = layer(enc, bias=bias)
             if plan.encoder_done_after:
@@ -176,10 +179,12 @@ class EncoderDecoderStage(StageModule):
 
     def _decode(self, dec, memory, dec_bias, attention_mask, decoder_attention_mask) -> torch.Tensor:
         T, S = dec.shape[1], memory.shape[1]
-        bias = attention_bias(decoder_attention_mask, True, T, T, dec.dtype, dec.device, dec_bias)
+        bias = attention_bias(decoder_attention_mask, True, T, T, dec.dtype, dec.device, dec_bias,
+                              backend=mask_backend(self.cfg, dec.device, self.training))
         memory_bias = None
         if attention_mask is not None:
-            memory_bias = attention_bias(attention_mask, False, T, S, dec.dtype, dec.device)
+            memory_bias = attention_bias(attention_mask, False, T, S, dec.dtype, dec.device,
+                                         backend=mask_backend(self.cfg, dec.device, self.training))
         for layer in self.decoder.layers.values():
             dec = layer(dec, bias=bias, is_causal=True, memory=memory, memory_bias=memory_bias)
         return dec

@@ -286,4 +286,5 @@ def test_bert_head_on_labelled_positions_only_gives_the_full_head_loss_and_gradi
     assert count == full_count == 5  # 3 masked tokens + 2 NSP predictions
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)  # fp32: another summation order
     for name, grad in full_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        # gradients of order 1 summed in another order: fp32 rounding reaches a few 1e-7 (seen 7e-7)
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=2e-6, msg=name)
