@@ -21,7 +21,6 @@ newer ones are never touched, so the newest verified checkpoint always survives.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -43,15 +42,13 @@ import torch.distributed.checkpoint as dcp
 
 from scaletrain.configs.schema import CheckpointConfig
 from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
-from scaletrain.errors import CheckpointError
+from scaletrain.errors import DISK_ERRNOS, CheckpointError
 
 MANIFEST = "scaletrain.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 REPLACED_SUFFIX = ".replaced-"
-# A write failing with one of these is the disk's fault (full, quota, read-only, permissions), not a bug.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def step_dir_name(step: int) -> str:
@@ -267,6 +264,8 @@ class CheckpointManager:
                 f"with resume=auto") from None
 
     def _finalize(self, tmp: Path, final: Path, manifest: dict) -> None:
+        # The next checkpoint grows from this one (its manifest names this as its parent).
+        written = {"path": str(final.resolve()), "step": manifest["step"], "checkpoint_id": manifest["checkpoint_id"]}
         self._barrier()  # every rank's shards and RNG file are on disk
         if self.rank == 0:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -281,13 +280,12 @@ class CheckpointManager:
             if final.exists():  # the same step from another run, or damaged: set aside, never deleted
                 self._set_aside(final)
             os.replace(tmp, final)
+            self.parent = written  # at once: an interrupt from here on reports this one as the newest
             _fsync_dir(self.directory)
             self._known_good.add(manifest["checkpoint_id"])
             self._apply_retention(manifest["step"])
         self._barrier()
-        # The next checkpoint grows from this one (its manifest names this as its parent).
-        self.parent = {"path": str(final.resolve()), "step": manifest["step"],
-                       "checkpoint_id": manifest["checkpoint_id"]}
+        self.parent = written
 
     def wait(self) -> None:
         if self._pending is not None:
