@@ -34,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     module_name, function_name = SUBCOMMANDS[command][0].split(":")
+    from scaletrain.train import signals
+
+    if command == "train":  # stop signals and Ctrl-C are honoured from process start, before the slow imports
+        signals.install()
     try:
         function = getattr(importlib.import_module(module_name), function_name)
         return int(function(rest) or 0)
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except (signals.StopRequested, KeyboardInterrupt) as stop:
+        return signals.report(stop)
 
 
 if __name__ == "__main__":

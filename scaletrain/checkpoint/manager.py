@@ -11,10 +11,16 @@ On disk:
 Every rank writes into `.tmp-step-000500`; after a barrier rank 0 hashes the files, writes scaletrain.json
 (fsynced) and renames the folder. A `step-*` folder therefore always has a manifest, and a kill -9 at
 any moment leaves either the previous checkpoints or the new complete one. Resuming verifies the
-manifest and the checksums of the newest folder and falls back to older ones with a warning."""
+manifest and the checksums of the newest folder and falls back to older ones with a warning.
+
+Lineage: every manifest names its `run_id` (a fresh id for a run started from scratch, inherited on resume)
+and its `parent` (the checkpoint this state grew from). Retention only ever deletes verified checkpoints of
+the current run id that are older than the one just written; damaged folders, other runs' checkpoints and
+newer ones are never touched, so the newest verified checkpoint always survives."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +29,7 @@ import platform
 import random
 import shutil
 import time
+import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -35,12 +42,15 @@ import torch.distributed.checkpoint as dcp
 
 from scaletrain.configs.schema import CheckpointConfig
 from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
-from scaletrain.errors import CheckpointError
+from scaletrain.errors import DISK_ERRNOS, CheckpointError
 
 MANIFEST = "scaletrain.json"
 TRAINER_STATE = "trainer_state.pt"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+REPLACED_SUFFIX = ".replaced-"
+
+
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
 
@@ -119,6 +129,38 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
+def _manifest_or_none(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _disk_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError with a disk errno in `error`, its causes, or DCP's per-rank failures, if any."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            return error
+        for failure in getattr(error, "failures", {}).values():  # dcp's CheckpointException: (error, trace)
+            inner = _disk_error_in(failure[0] if isinstance(failure, tuple) else failure)
+            if inner is not None:
+                return inner
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def refuse_fresh_start(run_dir: str | os.PathLike) -> None:
+    """resume=none must not start a second run among another run's checkpoints: a later resume=auto would
+    pick whichever is newest. Called before anything is written to the run folder."""
+    directory = Path(run_dir) / "checkpoints"
+    steps = sorted(steps_on_disk(directory)) if directory.is_dir() else []
+    if steps:
+        raise CheckpointError(f"resume=none but {directory} holds checkpoints of another run (newest "
+                              f"{step_dir_name(steps[-1])}); use a new folder (hydra.run.dir=...) or resume=auto")
+
+
 class CheckpointManager:
     """Saves and restores {model, optimizer, named stateful objects, RNG}. Every rank calls every method."""
 
@@ -131,11 +173,29 @@ class CheckpointManager:
         self.group = dist.new_group(backend="gloo") if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1) if cfg.async_save else None
         self._pending: Optional[Future] = None
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f"{TMP_PREFIX}*"):  # left by a crash mid-save
-                shutil.rmtree(stale, ignore_errors=True)
+        # Lineage (rank 0 writes every manifest): a new run id unless load() continues an existing one.
+        self.run_id = uuid.uuid4().hex
+        self.parent: Optional[dict[str, Any]] = None
+        self._known_good: set[str] = set()  # checkpoint ids verified (or written) by this process
+        problem = self._prepare_directory() if self.rank == 0 else None
+        problem = self._broadcast_from_rank0(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
         self._barrier()
+
+    def _prepare_directory(self) -> Optional[str]:
+        """Creates the checkpoint folder; the reason it cannot be used, or None."""
+        if self.directory.exists() and not self.directory.is_dir():
+            return (f"{self.directory} is a file, not a folder, so no checkpoint can be written; move it away "
+                    f"or use another run folder (hydra.run.dir=...)")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return (f"cannot create the checkpoint folder {self.directory}: {error.strerror}; use a writable run "
+                    f"folder (hydra.run.dir=...)")
+        for stale in self.directory.glob(f"{TMP_PREFIX}*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        return None
 
     # ---- collectives on the checkpoint group ------------------------------------------------------
     def _barrier(self) -> None:
@@ -157,32 +217,55 @@ class CheckpointManager:
         self.wait()
         final = self.directory / step_dir_name(step)
         tmp = self.directory / f"{TMP_PREFIX}{step_dir_name(step)}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        # Small state is written synchronously: it is captured now, at the step being saved.
-        if self.rank == 0:
-            payload = {name: obj.state_dict() for name, obj in stateful.items()}
-            _write_durably(tmp / TRAINER_STATE, pickle.dumps(payload))
-        _write_durably(tmp / rng_file(self.rank), pickle.dumps(rng_state()))
-        state = model_and_optimizer_state(model, optimizer)
-        manifest = {"step": step, **metadata, "world_size": self.world_size, "versions": _versions()}
-        if self._executor is None:
-            with quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group, no_dist=not self.distributed)
-            self._finalize(tmp, final, manifest)
-        else:
+        manifest = {"step": step, **metadata, "run_id": self.run_id, "checkpoint_id": uuid.uuid4().hex,
+                    "parent": self.parent, "world_size": self.world_size, "versions": _versions()}
+        with self._disk_errors_reported(step, tmp):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self._barrier()
+            # Small state is written synchronously: it is captured now, at the step being saved.
+            if self.rank == 0:
+                payload = {name: obj.state_dict() for name, obj in stateful.items()}
+                _write_durably(tmp / TRAINER_STATE, pickle.dumps(payload))
+            _write_durably(tmp / rng_file(self.rank), pickle.dumps(rng_state()))
+            state = model_and_optimizer_state(model, optimizer)
+            if self._executor is None:
+                with quiet_single_process():
+                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.group,
+                             no_dist=not self.distributed)
+                self._finalize(tmp, final, manifest)
+                return
             # async_save copies the state to CPU memory before returning, so training may change it.
             upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
                                     no_dist=not self.distributed)
-            self._pending = self._executor.submit(self._finish_async, upload, tmp, final, manifest)
+        self._pending = self._executor.submit(self._finish_async, upload, tmp, final, manifest)
 
     def _finish_async(self, upload: Future, tmp: Path, final: Path, manifest: dict) -> None:
-        upload.result()
-        self._finalize(tmp, final, manifest)
+        with self._disk_errors_reported(manifest["step"], tmp):
+            upload.result()
+            self._finalize(tmp, final, manifest)
+
+    @contextlib.contextmanager
+    def _disk_errors_reported(self, step: int, tmp: Path):
+        """A write failing for the disk's reasons (full, quota, read-only, permissions) drops the partial
+        folder and names the checkpoint that is still the newest complete one; other errors pass through."""
+        try:
+            yield
+        except BaseException as error:  # DCP wraps a failed write's OSError in CheckpointException (a BaseException)
+            disk_error = _disk_error_in(error)
+            if disk_error is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.parent["path"] if self.parent else "(none yet)"
+            raise CheckpointError(
+                f"could not write checkpoint {step_dir_name(step)} in {self.directory}: {disk_error.strerror}; "
+                f"the previous checkpoint {previous} is intact; free space (or fix the permissions) and rerun "
+                f"with resume=auto") from None
 
     def _finalize(self, tmp: Path, final: Path, manifest: dict) -> None:
+        # The next checkpoint grows from this one (its manifest names this as its parent).
+        written = {"path": str(final.resolve()), "step": manifest["step"], "checkpoint_id": manifest["checkpoint_id"]}
         self._barrier()  # every rank's shards and RNG file are on disk
         if self.rank == 0:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -194,12 +277,15 @@ class CheckpointManager:
             manifest["complete"] = True
             _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
             _fsync_dir(tmp)
-            if final.exists():  # a corrupted checkpoint of the same step, skipped on resume
-                self._delete(final)
+            if final.exists():  # the same step from another run, or damaged: set aside, never deleted
+                self._set_aside(final)
             os.replace(tmp, final)
+            self.parent = written  # at once: an interrupt from here on reports this one as the newest
             _fsync_dir(self.directory)
-            self._apply_retention()
+            self._known_good.add(manifest["checkpoint_id"])
+            self._apply_retention(manifest["step"])
         self._barrier()
+        self.parent = written
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -211,15 +297,36 @@ class CheckpointManager:
         if self._executor is not None:
             self._executor.shutdown()
 
-    def _apply_retention(self) -> None:
-        """Keep the newest `keep` checkpoints, plus every step divisible by keep_every."""
-        steps = sorted(steps_on_disk(self.directory))
-        keep = set(steps[-self.cfg.keep:])
+    def _apply_retention(self, written_step: int) -> None:
+        """Of this run's verified checkpoints older than the one just written, keep the newest keep - 1
+        (the new one is the keep-th) and every step divisible by keep_every; delete the others. Damaged
+        folders, other runs' checkpoints and anything newer are not candidates at all."""
+        ours = sorted(step for step in steps_on_disk(self.directory)
+                      if step < written_step and self._is_ours_and_verified(self.directory / step_dir_name(step)))
+        keep = set(ours[len(ours) - (self.cfg.keep - 1):]) if self.cfg.keep > 1 else set()
         if self.cfg.keep_every > 0:
-            keep |= {s for s in steps if s % self.cfg.keep_every == 0}
-        for step in steps:
+            keep |= {s for s in ours if s % self.cfg.keep_every == 0}
+        for step in ours:
             if step not in keep:
                 self._delete(self.directory / step_dir_name(step))
+
+    def _is_ours_and_verified(self, path: Path) -> bool:
+        manifest = _manifest_or_none(path)
+        if manifest is None or manifest.get("run_id") != self.run_id:
+            return False
+        checkpoint_id = manifest.get("checkpoint_id")
+        if checkpoint_id in self._known_good:  # hashed once per process, not at every save
+            return True
+        if verify(path) is not None:
+            return False
+        self._known_good.add(checkpoint_id)
+        return True
+
+    def _set_aside(self, path: Path) -> None:
+        aside = path.with_name(f"{path.name}{REPLACED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        os.replace(path, aside)
+        warnings.warn(f"{path} already existed (another run's or a damaged checkpoint of the same step); it was "
+                      f"moved to {aside}, delete it when you no longer need it", stacklevel=2)
 
     def _delete(self, path: Path) -> None:
         """Rename out of the step-* namespace first, so a kill mid-delete never leaves a half checkpoint
@@ -240,6 +347,7 @@ class CheckpointManager:
                 problem = verify(path)
                 if problem is None:
                     found = str(path)
+                    self._known_good.add(read_manifest(path).get("checkpoint_id"))
                     break
                 warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
         found = self._broadcast_from_rank0(found)
@@ -277,13 +385,19 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {path} has no '{name}' state; it was written by another "
                                       f"version of the trainer; start a fresh run with resume=none")
             obj.load_state_dict(saved[name])
+        manifest = read_manifest(path)
+        # The lineage continues: the next save names this checkpoint as its parent. A checkpoint written
+        # before lineages were recorded starts a new run id (its folder's old checkpoints are then foreign).
+        self.run_id = manifest.get("run_id") or self.run_id
+        self.parent = {"path": str(path.resolve()), "step": manifest["step"],
+                       "checkpoint_id": manifest.get("checkpoint_id")}
         rng_path = path / rng_file(self.rank)
         if rng_path.is_file():
             set_rng_state(pickle.loads(rng_path.read_bytes()))
         elif self.rank == 0:
             # A larger world than the one that saved: new ranks keep their seeded streams.
             warnings.warn(f"{path} has no RNG state for rank {self.rank}; using the seeded one", stacklevel=2)
-        return read_manifest(path)
+        return manifest
 
 
 

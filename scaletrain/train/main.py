@@ -14,14 +14,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
-
 from scaletrain.configs.schema import TrainConfig, data_parallel_degree, validate_cross_fields
 from scaletrain.configs.store import CONFIG_MODULE, ROOT_CONFIG, compose_config, register_configs, to_train_config
-from scaletrain.errors import ConfigError, UserError, one_line
+from scaletrain.errors import ConfigError, RunFolderError, UserError, one_line, run_folder_error
 
 log = logging.getLogger(__name__)
-RESOLVED_CONFIG = "config.yaml"
 MAX_VALIDATED_SWEEP_POINTS = 256
 # Hydra flags that take a value (the value is not an override).
 _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
@@ -102,22 +99,63 @@ def validate(cfg: TrainConfig) -> None:
 def validate_command_line(argv: Sequence[str]) -> None:
     overrides, multirun, _ = split_overrides(argv)
     points = sweep_points(overrides) if multirun else [list(overrides)]
-    for point in points:
+    run_dirs = planned_run_dirs(argv, multirun, len(points))
+    for index, point in enumerate(points):
         try:
-            validate(compose_config(point))
-        except ConfigError as error:
+            cfg = compose_config(point)
+            validate(cfg)
+            if run_dirs:
+                check_run_folder(run_dirs[index], cfg)
+        except UserError as error:
             where = f" (sweep point {' '.join(point)})" if multirun and len(points) > 1 else ""
-            raise ConfigError(f"{one_line(error)}{where}") from None
+            raise error.__class__(f"{one_line(error)}{where}") from None
+
+
+def planned_run_dirs(argv: Sequence[str], multirun: bool, n_points: int) -> list[Path]:
+    """The folder each point will run in, when the command line names it (hydra.run.dir / hydra.sweep.dir);
+    [] when Hydra makes a fresh timestamped one (nothing there to check)."""
+    given = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir") and "${" not in value:
+            given[key] = value
+    if not multirun:
+        return [Path(given["hydra.run.dir"])] if "hydra.run.dir" in given else []
+    if "hydra.sweep.dir" not in given or "hydra.sweep.subdir" in given:
+        return []
+    return [Path(given["hydra.sweep.dir"]) / str(index) for index in range(n_points)]
+
+
+def check_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
+    """Before Hydra creates or writes anything: the folder can be made, and resume=none is not about to
+    start a second run among another run's checkpoints."""
+    from scaletrain.checkpoint.manager import refuse_fresh_start
+
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise RunFolderError(f"the run folder {run_dir} would be under {folder}, which is a file; choose "
+                                     f"another hydra.run.dir")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise RunFolderError(f"the run folder {run_dir} cannot be written ({folder} is not writable); "
+                                     f"choose another hydra.run.dir")
+            break
+    if cfg.resume == "none":
+        refuse_fresh_start(run_dir)
 
 
 def run_job(cfg: TrainConfig, overrides: Sequence[str]) -> int:
     """One job in its own run folder (Hydra chdir'ed into it)."""
     from scaletrain.launch import maybe_launch
 
+    from scaletrain.checkpoint.manager import refuse_fresh_start
+    from scaletrain.launch.env import is_worker
+
     validate(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), Path(cfg.run_dir) / RESOLVED_CONFIG)
+    if cfg.resume == "none" and not is_worker(os.environ):  # a launched worker's parent checked already
+        refuse_fresh_start(cfg.run_dir)
+    # config.yaml is written by the trainer once the run has started (after a successful resume), so a
+    # failed start keeps the config of the run that wrote the checkpoints.
     code = maybe_launch(cfg, overrides)
     if code is not None:
         return code
@@ -141,15 +179,27 @@ def cli(argv: Sequence[str]) -> int:
     register_configs()
     errors: list[UserError] = []
     codes: list[int] = []
+    stops: list[int] = []
 
     def task(dict_cfg) -> int:
+        from scaletrain.train import signals
+
+        if stops:  # a stop signal or Ctrl-C ended an earlier point of this sweep: start no other
+            return stops[0]
+        signals.install()  # again: submitit's job process starts here, with its own handlers set before ours
         try:
-            code = run_job(to_train_config(dict_cfg), list(HydraConfig.get().overrides.task))
+            try:
+                code = run_job(to_train_config(dict_cfg), list(HydraConfig.get().overrides.task))
+            except OSError as os_error:  # a full disk or an unwritable run folder is the user's to fix
+                raise run_folder_error(os_error) or os_error
         except UserError as error:  # one line, not Hydra's traceback; the CLI turns it into exit 2
             errors.append(error)
             if multirun:
                 print(f"error: {one_line(error)}", file=sys.stderr)
             code = 2
+        except (signals.StopRequested, KeyboardInterrupt) as stop:  # one line, no traceback
+            code = signals.report(stop)
+            stops.append(code)
         codes.append(code)
         return code
 

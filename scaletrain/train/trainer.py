@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from scaletrain import parallel
 from scaletrain.checkpoint.manager import CheckpointManager
@@ -35,10 +35,11 @@ from scaletrain.train.loggers import MetricLogger
 from scaletrain.train.optim import build_optimizer
 from scaletrain.train.precision import LossScaler, autocast, grads_are_finite
 from scaletrain.train.sample import generate_sample
+from scaletrain.train import signals
 from scaletrain.train.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RESOLVED_CONFIG = "config.yaml"
 
 
 class TrainingDiverged(UserError):
@@ -97,6 +98,8 @@ class Trainer:
         self.dims = parallel.ParallelDims.from_config(cfg.parallel, self.world_size)
         self.dims.build_mesh(self.device.type)
         self.run_dir = Path(cfg.run_dir)
+        # First: a run folder that cannot hold checkpoints fails before minutes of data preparation.
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world_size)
         seed_everything(cfg.seed + self.dims.dp_rank)  # dropout differs across dp ranks, not across tp/pp
 
         # Data: tokenizer + memory-mapped shards; the loader splits each global batch over dp ranks.
@@ -121,8 +124,9 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = LossScaler(cfg.precision == "fp16", t.loss_scale_init, t.loss_scale_growth_interval)
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world_size)
         self.resumed_from = self._resume()
+        if self.rank == 0:  # only now: a failed resume keeps the config of the run that wrote the checkpoints
+            OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / RESOLVED_CONFIG)
         self.logger: Optional[MetricLogger] = None
         self.stop_signal: Optional[int] = None
         self.losses: list[float] = []  # per-step training loss (tests compare these bitwise)
@@ -170,33 +174,55 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.state.step,
                                    use_wandb=cfg.logger == "wandb", wandb_config=asdict(cfg),
                                    progress_bar=t.progress_bar, run_name=cfg.model.name)
-        previous_handlers = self._install_signal_handlers()
-        try:
-            self.throughput = flops.Throughput(cfg.cluster.peak_tflops(cfg.precision), self.world_size)
-            while self.state.step < self.total_steps:
-                started = time.perf_counter()
-                step_metrics = self.train_step(next(self.loader))  # data loading counts as training time
-                self.throughput.add(step_metrics.pop("tokens"), step_metrics.pop("flops"),
-                                    time.perf_counter() - started)
-                self.state.step += 1
-                self.logger.advance()
-                if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
-                    self._log(step_metrics)
-                if t.eval_every > 0 and self.state.step % t.eval_every == 0:
-                    self.evaluate()
-                if self._stop_requested():
-                    self.save()
-                    self.logger.write(f"stopped by signal {self.stop_signal} at step {self.state.step}; "
-                                      f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} (requeue)")
-                    return REQUEUE_EXIT_CODE
-                if self._periodic_save_due():
-                    self.save()
-            self._finish()
-            return 0
-        finally:
-            self._restore_signal_handlers(previous_handlers)
-            self.checkpoints.close()
-            self.logger.close()
+        with signals.installed(), contextlib.ExitStack() as stack:
+            deferring = False
+            try:
+                self.throughput = flops.Throughput(cfg.cluster.peak_tflops(cfg.precision), self.world_size)
+                while self.state.step < self.total_steps:
+                    started = time.perf_counter()
+                    step_metrics = self.train_step(next(self.loader))  # data loading counts as training time
+                    if not deferring:  # from now on there is something to save: a stop signal waits for the step
+                        stack.enter_context(signals.deferred())
+                        deferring = True
+                    self.throughput.add(step_metrics.pop("tokens"), step_metrics.pop("flops"),
+                                        time.perf_counter() - started)
+                    self.state.step += 1
+                    self.logger.advance()
+                    if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
+                        self._log(step_metrics)
+                    if t.eval_every > 0 and self.state.step % t.eval_every == 0:
+                        self.evaluate()
+                    if self._stop_requested():
+                        return self._stop_and_save()
+                    if self._periodic_save_due():
+                        self.save()
+                self._finish()
+                return 0
+            except KeyboardInterrupt:
+                raise signals.Interrupted(self._interrupted_message()) from None
+            finally:
+                self.checkpoints.close()
+                self.logger.close()
+
+    def _stop_and_save(self) -> int:
+        self.save()
+        self.checkpoints.wait()
+        self.logger.write(f"stopped by {signals.signal_name(self.stop_signal)} at step {self.state.step}; "
+                          f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} (requeue)")
+        received, self.stop_signal = signals.pending(), None
+        signals.clear()
+        if received is not None:
+            signals.hand_over(received)  # under submitit: requeue the job now that the state is saved
+        return REQUEUE_EXIT_CODE
+
+    def _interrupted_message(self) -> str:
+        """Ctrl-C: where the run stands; a second Ctrl-C while an async save finishes exits at once."""
+        with contextlib.suppress(Exception):
+            self.checkpoints.wait()
+        last = self.checkpoints.parent["path"] if self.checkpoints.parent else None
+        kept = f"the last complete checkpoint {last} is intact" if last else "no checkpoint was written yet"
+        return (f"stopped by Ctrl-C at step {self.state.step}; {kept}; run the same command again in the same "
+                f"run folder (resume=auto, the default) to continue")
 
     def _periodic_save_due(self) -> bool:
         """Every checkpoint.every steps, but never inside a NaN streak: the last good checkpoint stays."""
@@ -347,22 +373,10 @@ class Trainer:
         self.logger.finish(final)
 
     # ---- signals -----------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict:
-        def request_stop(signum, frame):  # finish the current step, then save and exit
-            self.stop_signal = signum
-
-        previous = {}
-        for signum in STOP_SIGNALS:
-            with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
-                previous[signum] = signal.signal(signum, request_stop)
-        return previous
-
-    def _restore_signal_handlers(self, previous: dict) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
     def _stop_requested(self) -> bool:
         """All ranks stop together if any rank got a signal (Slurm signals every task, but not atomically)."""
+        if self.stop_signal is None:
+            self.stop_signal = signals.pending()
         flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

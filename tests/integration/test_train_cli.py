@@ -74,4 +74,4 @@ def test_stop_signal_finishes_the_step_saves_and_asks_for_requeue(tmp_path, sign
     last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == [f"step-{last_step:06d}"] and verify(checkpoints[0]) is None
-    assert f"stopped by signal {int(signum)}" in output
+    assert f"stopped by {signum.name} at step {last_step}" in output

@@ -199,3 +199,89 @@ def test_a_sharded_two_rank_checkpoint_loads_in_one_process(tmp_path):
     for key, value in _params(model).items():
         assert torch.equal(value, full[key]), key
     assert set(optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _flip_a_byte(folder):
+    shard = next(folder.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _step_folders(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".tmp-"))
+
+
+def test_retention_leaves_another_runs_and_damaged_checkpoints_alone(tmp_path):
+    model, optimizer = _trained()
+    old = CheckpointManager(CheckpointConfig(keep=10), tmp_path)
+    for step in (20, 40, 60):
+        old.save(step, model, optimizer, {}, {})
+    for step in (40, 60):  # the old run's newest checkpoints are damaged
+        _flip_a_byte(tmp_path / "checkpoints" / f"step-{step:06d}")
+    fresh = CheckpointManager(CheckpointConfig(keep=2), tmp_path)  # a new lineage (nothing resumed)
+    for step in range(1, 9):
+        fresh.save(step, model, optimizer, {}, {})
+    # The old run's verified 20 and damaged 40 and 60 survive; of the new lineage the newest two are kept.
+    assert _step_folders(tmp_path) == ["step-000007", "step-000008", "step-000020", "step-000040", "step-000060"]
+    assert verify(tmp_path / "checkpoints" / "step-000020") is None
+    with pytest.warns(UserWarning, match="step-000040 already existed"):
+        fresh.save(40, model, optimizer, {}, {})  # the damaged folder of that step is set aside, not deleted
+    folders = _step_folders(tmp_path)
+    assert [f for f in folders if "replaced" not in f] == ["step-000008", "step-000020", "step-000040", "step-000060"]
+    assert sum(f.startswith("step-000040.replaced-") for f in folders) == 1
+    assert fresh.latest_complete().name == "step-000040"
+
+
+def test_retention_keeps_damaged_and_newer_checkpoints_of_its_own_lineage(tmp_path):
+    model, optimizer = _trained()
+    first = CheckpointManager(CheckpointConfig(keep=10), tmp_path)
+    for step in range(1, 5):
+        first.save(step, model, optimizer, {}, {})
+    _flip_a_byte(tmp_path / "checkpoints" / "step-000002")
+    # Another process continues the lineage from step 3 (resume=<path>): step 4 is newer, never a candidate.
+    second = CheckpointManager(CheckpointConfig(keep=1), tmp_path)
+    second.load(tmp_path / "checkpoints" / "step-000003", model, optimizer, {})
+    with pytest.warns(UserWarning, match="already existed"):
+        second.save(4, model, optimizer, {}, {})  # the old step 4 is set aside, not overwritten
+    second.save(5, model, optimizer, {}, {})
+    folders = _step_folders(tmp_path)
+    assert [f for f in folders if "replaced" not in f] == ["step-000002", "step-000005"]  # 2 is damaged: kept
+    assert any(f.startswith("step-000004.replaced-") for f in folders)
+    manifests = [json.loads((tmp_path / "checkpoints" / f"step-{s:06d}" / MANIFEST).read_text()) for s in (5,)]
+    first_manifest = json.loads((tmp_path / "checkpoints" / "step-000002" / MANIFEST).read_text())
+    assert manifests[0]["run_id"] == first_manifest["run_id"] == first.run_id
+    assert manifests[0]["parent"]["step"] == 4 and manifests[0]["parent"]["path"].endswith("step-000004")
+
+
+def test_retention_never_deletes_a_checkpoint_newer_than_the_one_written(tmp_path):
+    model, optimizer = _trained()
+    first = CheckpointManager(CheckpointConfig(keep=10), tmp_path)
+    for step in (5, 6):
+        first.save(step, model, optimizer, {}, {})
+    rewound = CheckpointManager(CheckpointConfig(keep=1), tmp_path)
+    rewound.load(tmp_path / "checkpoints" / "step-000005", model, optimizer, {})
+    rewound.save(3, model, optimizer, {}, {})  # a run rewound to an earlier step number
+    assert _step_folders(tmp_path) == ["step-000003", "step-000005", "step-000006"]
+
+
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    model, optimizer = _trained()
+    manager = CheckpointManager(CheckpointConfig(keep=1), tmp_path)
+    manager.save(1, model, optimizer, {}, {})
+    original = FileSystemWriter.write_data
+
+    def full_disk(self, plan, planner):
+        original(self, plan, planner).wait()  # some shards are written, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step-000002 .*No space left on device; "
+                                              r"the previous checkpoint \S*step-000001 is intact"):
+        manager.save(2, model, optimizer, {}, {})
+    assert _step_folders(tmp_path) == ["step-000001"] and verify(tmp_path / "checkpoints" / "step-000001") is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
