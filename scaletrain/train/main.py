@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from scaletrain.configs.schema import TrainConfig, data_parallel_degree, validate_cross_fields
-from scaletrain.configs.store import CONFIG_MODULE, ROOT_CONFIG, compose_config, register_configs, to_train_config
+from scaletrain.configs.store import (CONFIG_MODULE, ROOT_CONFIG, compose_config, parse_overrides, register_configs,
+                                     to_train_config)
 from scaletrain.errors import ConfigError, UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
 
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
     """Expands `optim.lr=1e-3,3e-4 model=a,b` into every combination, as Hydra's basic sweeper does."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as error:
-        raise ConfigError(one_line(error)) from None
     choices = []
-    for override in parsed:
+    for override in parse_overrides(overrides):
         key = override.get_key_element()
         values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
                   else [override.get_value_element_as_str()])
