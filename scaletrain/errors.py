@@ -21,5 +21,9 @@ class CheckpointError(UserError):
     pass
 
 
+class UsageError(UserError):
+    """Bad command-line arguments of an argparse subcommand (scaletrain.cli.ArgumentParser)."""
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())

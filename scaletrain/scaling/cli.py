@@ -8,7 +8,6 @@ through the planner's exact parameter inventory. Compute is C = 6·N·D with N t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -18,6 +17,7 @@ from typing import List
 
 from omegaconf import OmegaConf
 
+from scaletrain.cli import ArgumentParser
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.plan.memory import count_parameters, non_embedding_parameters
 from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, ScalingFitError, bootstrap_chinchilla,
@@ -123,8 +123,8 @@ def optimal_command(args) -> int:
 
 
 def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scaletrain scaling")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="scaletrain scaling")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,optimal}")
     fit = sub.add_parser("fit", help="fit Kaplan and Chinchilla laws to a sweep folder, write PNGs")
     fit.add_argument("sweep", type=Path)
     fit.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for intervals (0: none)")
