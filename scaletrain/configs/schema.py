@@ -421,6 +421,11 @@ class TrainConfig:
         _choice("logger", self.logger, ("jsonl", "wandb"))
 
 
+def missing_resume_message(resume: str) -> str:
+    return (f"resume={resume}: the path does not exist; pass a step-* checkpoint folder or a run folder, "
+            f"resume=auto or resume=none")
+
+
 def data_parallel_degree(parallel: ParallelConfig, world_size: int) -> int:
     """dp_replicate * dp_shard, resolving dp_shard=-1 to whatever the world size leaves."""
     others = parallel.dp_replicate * parallel.tp * parallel.pp * parallel.cp

@@ -21,7 +21,7 @@ from scaletrain.cli import ArgumentParser
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.plan.memory import count_parameters, non_embedding_parameters
 from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, ScalingFitError, bootstrap_chinchilla,
-                                    fit_chinchilla, kaplan_fits)
+                                    check_enough_points, fit_chinchilla, fit_warnings, kaplan_fits)
 from scaletrain.scaling.optimal import chinchilla_optimal, inference_aware_optimal
 
 SUMMARY_FILE = "summary.csv"
@@ -56,9 +56,11 @@ def read_sweep(sweep_dir: Path) -> List[Run]:
                 params, non_embedding = count_parameters(cfg), non_embedding_parameters(cfg)
             if math.isfinite(float(loss)):
                 runs.append(Run(row["job"], params, non_embedding, float(row["tokens"]), float(loss)))
-    if len(runs) < 5:
-        raise ScalingFitError(f"{summary} has {len(runs)} finished runs with a validation loss; a fit needs at "
-                              f"least 5 (check the failed jobs' logs)")
+    try:
+        check_enough_points(runs)
+    except ScalingFitError as error:
+        raise ScalingFitError(f"{summary}: {error} (a job without final metrics does not count; check the "
+                              f"failed jobs' logs)") from None
     return runs
 
 
@@ -84,7 +86,10 @@ def fit_command(args) -> int:
     for c in budgets:
         n, d = law.optimal(c)
         print(f"  C = {c:.0e}: N* = {n:.3g}, D* = {d:.3g}, {d / n:.1f} tokens/param, loss {law(n, d):.4f}")
-    document = {"chinchilla": law.to_dict(), "intervals": intervals,
+    warnings = fit_warnings(runs, law)
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    document = {"chinchilla": law.to_dict(), "intervals": intervals, "warnings": warnings,
                 "kaplan": {k: {"alpha": v.alpha, "scale": v.scale} for k, v in kaplan.items()},
                 "runs": [vars(r) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)

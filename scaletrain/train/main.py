@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from scaletrain.configs.schema import TrainConfig, data_parallel_degree, validate_cross_fields
+from scaletrain.configs.schema import TrainConfig, data_parallel_degree, missing_resume_message, validate_cross_fields
 from scaletrain.configs.store import (CONFIG_MODULE, ROOT_CONFIG, compose_config, parse_overrides, register_configs,
                                      to_train_config)
 from scaletrain.errors import ConfigError, UserError, one_line
@@ -79,6 +79,9 @@ def validate(cfg: TrainConfig) -> None:
 
         dp = data_parallel_degree(cfg.parallel, world_size)
         validate_schedule(cfg.parallel, n_microbatches(cfg.trainer, dp))
+    resume = Path(cfg.resume).expanduser()  # a relative path is relative to the run folder: checked there
+    if cfg.resume not in ("auto", "none") and resume.is_absolute() and not resume.exists():
+        raise ConfigError(missing_resume_message(cfg.resume))
     data, model = cfg.data, cfg.model
     if data.tokenizer == "train" and not data.prepared and model.vocab_size < data.tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than data.tokenizer_vocab="
