@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-from scaletrain.errors import USER_ERROR_EXIT_CODE, UserError, one_line
+from scaletrain.errors import USER_ERROR_EXIT_CODE, UsageError, UserError, one_line
 
 # subcommand -> (module:function taking argv, one-line help)
 SUBCOMMANDS = {
@@ -16,6 +17,14 @@ SUBCOMMANDS = {
     "plan": ("scaletrain.plan.cli:cli", "pick the parallel layout for a cluster: memory, step time, MFU, days"),
     "scaling": ("scaletrain.scaling.cli:cli", "scaling fit <sweep dir> | scaling optimal --compute C: fit laws, plot, allocate"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the subcommands: a bad argument is one `error:` line and exit 2 through `main` (argparse
+    itself prints the whole usage block first). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}; see {self.prog} --help")
 
 
 def _usage() -> str:

@@ -42,5 +42,9 @@ def run_folder_error(error: BaseException) -> Optional[RunFolderError]:
                           f"another folder (hydra.run.dir=...)")
 
 
+class UsageError(UserError):
+    """Bad command-line arguments of an argparse subcommand (scaletrain.cli.ArgumentParser)."""
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from scaletrain.configs.schema import CheckpointConfig
+from scaletrain.configs.schema import CheckpointConfig, missing_resume_message
 from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
 from scaletrain.errors import DISK_ERRNOS, CheckpointError
 
@@ -360,6 +360,8 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest_complete()
         path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(missing_resume_message(resume))
         if (path / "checkpoints").is_dir():
             found = self.latest_complete(path / "checkpoints")
             if found is None:

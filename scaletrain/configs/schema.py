@@ -1,11 +1,15 @@
 """Typed configs: the single source of truth. Hydra composes YAML onto these dataclasses; each validates
-itself in __post_init__, and `validate_cross_fields` checks the rules that span several groups before any
-process group exists. Every failure is a ConfigError with one line naming the field and the fix."""
+itself in __post_init__ (first every numeric field against its interval in the class's RANGES, which a test
+requires for every int/float field, then the rules between its fields), and `validate_cross_fields` checks
+the rules that span several groups before any process group exists. Every failure is a ConfigError with one
+line naming the field and the fix."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+import math
+import re
+from typing import Any, ClassVar, Dict, List, Optional
 
 from scaletrain.errors import ConfigError
 
@@ -19,6 +23,33 @@ def _check(ok: bool, message: str) -> None:
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+
+
+def _describe(interval: str) -> str:
+    opening, low, high, closing = _INTERVAL.match(interval).groups()
+    if high == "inf":
+        if (opening, low) in (("(", "0"), ("[", "1")):
+            return "positive"
+        return f"{'>=' if opening == '[' else '>'} {low}"
+    return f"in {interval}"
+
+
+def check_ranges(config: Any, section: str) -> None:
+    """Each field named in type(config).RANGES against its interval, written '[1, inf)', '(0, 1)', ...
+    None (an optional field left unset) passes; NaN never does."""
+    for name, interval in type(config).RANGES.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        opening, low, high, closing = _INTERVAL.match(interval).groups()
+        low, high = float(low), float(high)
+        inside = (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
+        key = f"{section}.{name}" if section else name
+        _check(inside and not (isinstance(value, float) and math.isnan(value)),
+               f"{key}={value} must be {_describe(interval)}")
 
 
 @dataclass
@@ -70,34 +101,31 @@ class ModelConfig:
     documented_training: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)  # family-specific switches (e.g. t5_version)
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "vocab_size": "[1, inf)", "d_model": "[1, inf)", "n_layers": "[1, inf)", "n_decoder_layers": "[0, inf)",
+        "n_heads": "[1, inf)", "d_head": "[0, inf)", "d_ff": "[0, inf)", "max_seq_len": "[1, inf)",
+        "position_offset": "[0, inf)", "relative_buckets": "[1, inf)", "relative_max_distance": "[1, inf)",
+        "norm_eps": "(0, 1)", "type_vocab_size": "[0, inf)", "num_labels": "[0, inf)", "dropout": "[0, 1)",
+        "attn_dropout": "[0, 1)", "init_std": "(0, inf)", "pad_token_id": "[0, inf)",
+        "pad_vocab_multiple": "[1, inf)", "documented_params": "(0, inf)"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "model")
         _choice("model.family", self.family, FAMILIES)
-        _check(self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be positive")
-        _check(self.d_model > 0 and self.n_layers > 0 and self.n_heads > 0,
-               f"model {self.name}: d_model, n_layers and n_heads must be positive")
         if self.d_head == 0:
             _check(self.d_model % self.n_heads == 0,
                    f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
                    f"pick heads that divide the width or set model.d_head")
-        _check(self.d_head >= 0 and self.d_ff >= 0 and self.n_decoder_layers >= 0,
-               f"model {self.name}: d_head, d_ff and n_decoder_layers must not be negative")
         _choice("model.position", self.position, ("learned", "sinusoidal", "relative"))
         _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _choice("model.norm_position", self.norm_position, ("pre", "post"))
         _choice("model.activation", self.activation, ("gelu", "gelu_tanh", "relu", "gated_gelu", "gated_relu"))
         _choice("model.kernels", self.kernels, ("auto", "triton", "torch", "compile"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "flex"))
-        _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0,
-               f"model.dropout={self.dropout}/attn_dropout={self.attn_dropout} must be in [0, 1)")
-        _check(self.pad_vocab_multiple >= 1, "model.pad_vocab_multiple must be >= 1")
         _choice("model.init_scheme", self.init_scheme, ("normal", "gpt2", "t5", "xavier"))
-        _check(self.position_offset >= 0, f"model.position_offset={self.position_offset} must be >= 0")
-        _check(self.max_seq_len > 0, f"model.max_seq_len={self.max_seq_len} must be positive")
         _check(self.position != "relative" or self.relative_buckets >= 4,
                f"model.relative_buckets={self.relative_buckets} must be >= 4 with relative positions")
-        _check(self.type_vocab_size >= 0 and self.num_labels >= 0,
-               "model.type_vocab_size and model.num_labels must not be negative")
-        _check(0 <= self.pad_token_id < self.vocab_size,
+        _check(self.pad_token_id < self.vocab_size,
                f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size={self.vocab_size}")
         _check(not self.nsp_head or self.pooler, "model.nsp_head needs model.pooler=true (NSP reads the pooled [CLS])")
         _check(self.family != "gpt" or not (self.pooler or self.nsp_head),
@@ -118,6 +146,12 @@ class ModelConfig:
     def padded_vocab_size(self, tp: int = 1) -> int:
         multiple = self.pad_vocab_multiple * tp
         return -(-self.vocab_size // multiple) * multiple
+
+
+def minimum_tokenizer_vocab(tokenizer_type: str) -> int:
+    """The smallest vocabulary data.tokenizer=train builds: byte-level BPE needs its 256 bytes plus the
+    specials and some merges; unigram 256 pieces plus T5's 100 sentinels (data/tokenizer.py NUM_SENTINELS)."""
+    return 256 + 100 if tokenizer_type == "unigram" else 512
 
 
 @dataclass
@@ -147,20 +181,23 @@ class DataConfig:
     num_workers: int = 2
     val_fraction: float = 0.02
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
+        "mean_span_length": "[1, inf)", "span_geometric_p": "(0, 1)", "span_max_words": "[1, inf)",
+        "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "num_workers": "[0, inf)",
+        "val_fraction": "(0, 0.5)"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "data")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
         _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
         _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
         _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise"))
-        _check(0.0 < self.mlm_probability < 1.0, "data.mlm_probability must be in (0, 1)")
-        _check(0.0 < self.noise_density < 1.0, "data.noise_density must be in (0, 1)")
-        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
-        _check(self.tokenizer_vocab > 0 and self.num_workers >= 0,
-               "data.tokenizer_vocab must be positive and data.num_workers >= 0")
-        _check(0.0 < self.span_geometric_p < 1.0 and self.span_max_words >= 1,
-               "data.span_geometric_p must be in (0, 1) and data.span_max_words >= 1")
-        _check(0.0 < self.bart_mask_ratio < 1.0 and self.bart_poisson_lambda > 0,
-               "data.bart_mask_ratio must be in (0, 1) and data.bart_poisson_lambda > 0")
+        if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training
+            minimum = minimum_tokenizer_vocab(self.tokenizer_type)
+            _check(self.tokenizer_vocab >= minimum,
+                   f"data.tokenizer_vocab={self.tokenizer_vocab} is too small for a {self.tokenizer_type} "
+                   f"tokenizer; use at least {minimum}")
 
 
 @dataclass
@@ -177,12 +214,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     implementation: str = "auto"  # auto (fused on CUDA/CPU, for_loop when TP mixes DTensors and tensors) | fused | foreach | for_loop
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "lr": "(0, inf)", "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
+        "momentum": "[0, 1)", "warmup_steps": "[0, inf)", "min_lr_ratio": "[0, 1]"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "optim")
         _choice("optim.name", self.name, ("adamw", "sgd"))
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "inverse_sqrt"))
         _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
-        _check(self.lr > 0, f"optim.lr={self.lr} must be positive")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
 
 
 @dataclass
@@ -200,10 +240,13 @@ class ParallelConfig:
     pp_virtual: int = 1
     pp_split: Optional[List[int]] = None  # explicit first layer index of each stage after the first
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "dp_replicate": "[1, inf)", "dp_shard": "[-1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "cp": "[1, inf)",
+        "zero": "[0, 3]", "pp_virtual": "[1, inf)"}
+
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp", "pp", "cp", "pp_virtual"):
-            _check(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
-        _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard must be >= 1 or -1 (auto)")
+        check_ranges(self, "parallel")
+        _check(self.dp_shard != 0, "parallel.dp_shard must be >= 1 or -1 (auto)")
         _choice("parallel.zero", self.zero, (0, 1, 2, 3))
         _choice("parallel.offload", self.offload, ("none", "cpu"))
         _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "param"))
@@ -215,6 +258,19 @@ class ParallelConfig:
         _check(self.pp_schedule not in ("zbv", "dualpipev") or self.pp_virtual == 2,
                f"parallel.pp_schedule={self.pp_schedule} needs exactly 2 virtual stages per rank; "
                f"set parallel.pp_virtual=2 (it is {self.pp_virtual})")
+        if self.pp_split is not None:  # the upper end needs the model: validate_cross_fields
+            check_pp_split(self, None)
+
+
+def check_pp_split(parallel: ParallelConfig, n_layers: Optional[int]) -> None:
+    """parallel.pp_split lists the first layer of each stage after the first: pp x pp_virtual - 1 strictly
+    increasing indices in (0, n_layers)."""
+    stages, split = parallel.pp * parallel.pp_virtual, list(parallel.pp_split)
+    top = n_layers if n_layers is not None else math.inf
+    _check(len(split) == stages - 1 and all(a < b for a, b in zip([0] + split, split + [top])),
+           f"parallel.pp_split={split} must list {stages - 1} strictly increasing first-layer indices in "
+           f"(0, {n_layers if n_layers is not None else 'layers'}) for pp x pp_virtual = {stages} stages"
+           + (f" over {n_layers} layers" if n_layers is not None else "") + "; fix the list or set it to null")
 
 
 @dataclass
@@ -235,12 +291,16 @@ class TrainerConfig:
     sample_tokens: int = 48  # length of the sample printed at the end (decoder families)
     progress_bar: bool = True
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "max_steps": "[0, inf)", "max_tokens": "[0, inf)", "global_batch": "[1, inf)", "micro_batch": "[1, inf)",
+        "seq_len": "[1, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "log_every": "[1, inf)",
+        "grad_clip": "[0, inf]", "loss_scale_init": "(0, inf)", "loss_scale_growth_interval": "[1, inf)",
+        "max_nonfinite_steps": "[1, inf)", "sample_tokens": "[0, inf)"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "trainer")
         _check(self.max_steps > 0 or self.max_tokens > 0, "set trainer.max_steps or trainer.max_tokens")
-        _check(self.global_batch > 0 and self.micro_batch > 0 and self.seq_len > 0,
-               "trainer.global_batch, trainer.micro_batch and trainer.seq_len must be positive")
         _choice("trainer.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
-        _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be >= 1")
 
 
 @dataclass
@@ -251,9 +311,10 @@ class CheckpointConfig:
     async_save: bool = False
     save_final: bool = True
 
+    RANGES: ClassVar[Dict[str, str]] = {"every": "[0, inf)", "keep": "[1, inf)", "keep_every": "[0, inf)"}
+
     def __post_init__(self) -> None:
-        _check(self.every >= 0, "checkpoint.every must be >= 0")
-        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1 or nothing could be resumed")
+        check_ranges(self, "checkpoint")
 
 
 @dataclass
@@ -275,15 +336,14 @@ class LaunchConfig:
     job_name: str = "scaletrain"
     extra_sbatch: List[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. "--qos=high"
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "nproc_per_node": "[1, inf)", "max_restarts": "[0, inf)", "nodes": "[1, inf)", "gpus_per_node": "[0, inf)",
+        "tasks_per_node": "[0, inf)", "cpus_per_task": "[1, inf)", "signal_grace_s": "[0, 65535]",  # Slurm's limit
+        "dependency_chain": "[1, inf)", "seconds_per_step": "(0, inf)"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "launcher")
         _choice("launcher.name", self.name, ("local", "torchrun", "slurm"))
-        _check(self.nproc_per_node >= 1 and self.nodes >= 1, "launcher.nproc_per_node and launcher.nodes must be >= 1")
-        _check(self.max_restarts >= 0 and self.dependency_chain >= 1,
-               "launcher.max_restarts must be >= 0 and launcher.dependency_chain >= 1")
-        _check(self.gpus_per_node >= 0 and self.tasks_per_node >= 0 and self.cpus_per_task >= 1,
-               "launcher.gpus_per_node and tasks_per_node must be >= 0, launcher.cpus_per_task >= 1")
-        _check(0 <= self.signal_grace_s <= 65535, "launcher.signal_grace_s must be in [0, 65535] (Slurm's limit)")
-        _check(self.seconds_per_step > 0, "launcher.seconds_per_step must be positive")
 
     @property
     def slurm_tasks_per_node(self) -> int:
@@ -307,11 +367,15 @@ class ClusterConfig:
     inter_node_gbps: float = 1.0  # GB/s per device, one direction, InfiniBand on GPU clusters
     default_precision: str = "fp32"
 
+    RANGES: ClassVar[Dict[str, str]] = {
+        "gpus_per_node": "[0, inf)", "memory_gb": "(0, inf)", "peak_tflops_bf16": "[0, inf)",
+        "peak_tflops_fp16": "[0, inf)", "peak_tflops_fp32": "(0, inf)", "intra_node_gbps": "(0, inf)",
+        "inter_node_gbps": "(0, inf)"}
+
     def __post_init__(self) -> None:
+        check_ranges(self, "cluster")
         _choice("cluster.device", self.device, ("cpu", "cuda"))
         _choice("cluster.default_precision", self.default_precision, ("fp32", "bf16", "fp16"))
-        _check(self.memory_gb > 0 and self.peak_tflops_fp32 > 0,
-               f"cluster {self.name}: memory_gb and peak_tflops_fp32 must be positive")
         _check(self.peak_tflops(self.default_precision) > 0,
                f"cluster {self.name}: default_precision={self.default_precision} has no peak FLOP/s; set it")
 
@@ -324,8 +388,11 @@ class DryRunConfig:
     world_size: int = 0  # > 0: build rank `rank`'s shard on meta under a fake process group, report, exit
     rank: int = 0
 
+    RANGES: ClassVar[Dict[str, str]] = {"world_size": "[0, inf)", "rank": "[0, inf)"}
+
     def __post_init__(self) -> None:
-        _check(self.world_size >= 0 and 0 <= self.rank < max(self.world_size, 1),
+        check_ranges(self, "dry_run")
+        _check(self.rank < max(self.world_size, 1),
                f"dry_run.rank={self.rank} must be in [0, dry_run.world_size={self.world_size})")
 
 
@@ -346,9 +413,17 @@ class TrainConfig:
     run_dir: str = "."  # Hydra sets the working directory; checkpoints and metrics go below it
     logger: str = "jsonl"  # jsonl | wandb (always writes JSONL too)
 
+    RANGES: ClassVar[Dict[str, str]] = {"seed": "[0, 4294967295]"}  # numpy's seed range
+
     def __post_init__(self) -> None:
+        check_ranges(self, "")
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         _choice("logger", self.logger, ("jsonl", "wandb"))
+
+
+def missing_resume_message(resume: str) -> str:
+    return (f"resume={resume}: the path does not exist; pass a step-* checkpoint folder or a run folder, "
+            f"resume=auto or resume=none")
 
 
 def data_parallel_degree(parallel: ParallelConfig, world_size: int) -> int:
@@ -383,6 +458,10 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     _check(m.attention != "flex" or cfg.cluster.device != "cpu" or cfg.dry_run.world_size > 0,
            f"model.attention=flex cannot train on the CPU (torch {torch_version()} has no FlexAttention "
            "backward there); use model.attention=auto or sdpa")
+    if p.pp_split is not None:
+        check_pp_split(p, layers)
+    _check(p.pp == 1 or m.num_labels == 0, "pipeline parallelism trains the LM objectives; classification "
+           "finetuning (model.num_labels > 0) needs parallel.pp=1")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")

@@ -171,6 +171,15 @@ def _text_documents(files: List[Path], split_blank_lines: bool, errors: str) -> 
             yield text.strip()
 
 
+def _text(value, where: str, text_field: str) -> str:
+    """A record's text; null, numbers, lists (anything but a string) would train on their repr: refuse."""
+    if isinstance(value, str):
+        return value
+    kind = "null" if value is None else type(value).__name__
+    raise DataError(f"{where}: field {text_field!r} is {kind}, not a string; fix or remove the record, or set "
+                    f"data.text_field to the field holding the text")
+
+
 def _jsonl_documents(files: List[Path], text_field: str, errors: str) -> Iterator[str]:
     for path in files:
         for line_number, line in enumerate(_decode(path, path.read_bytes(), errors).splitlines(), 1):
@@ -184,7 +193,7 @@ def _jsonl_documents(files: List[Path], text_field: str, errors: str) -> Iterato
             if not isinstance(record, dict) or text_field not in record:
                 raise DataError(f"{path}:{line_number} has no field {text_field!r}; set data.text_field to the "
                                 f"field holding the text")
-            yield str(record[text_field])
+            yield _text(record[text_field], f"{path}:{line_number}", text_field)
 
 
 def _parquet_documents(files: List[Path], text_field: str) -> Iterator[str]:
@@ -194,7 +203,8 @@ def _parquet_documents(files: List[Path], text_field: str) -> Iterator[str]:
         raise DataError("reading parquet needs pyarrow; pip install pyarrow (or datasets)") from None
     for path in files:
         table = pq.read_table(path, columns=[text_field])
-        yield from (str(text) for text in table.column(text_field).to_pylist())
+        for row, text in enumerate(table.column(text_field).to_pylist()):
+            yield _text(text, f"{path} row {row}", text_field)
 
 
 def _hf_disk_documents(folder: Path, text_field: str) -> Iterator[str]:
@@ -210,7 +220,8 @@ def _hf_disk_documents(folder: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"{folder} has no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
                         f"set data.text_field")
     for start in range(0, len(dataset), 1000):
-        yield from (str(text) for text in dataset[start:start + 1000][text_field])
+        for row, text in enumerate(dataset[start:start + 1000][text_field], start):
+            yield _text(text, f"{folder} row {row}", text_field)
 
 
 def _fingerprint_files(files: List[Path], options: str) -> str:

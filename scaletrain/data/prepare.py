@@ -10,7 +10,6 @@ lock serializes ranks (or users) preparing the same directory."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -18,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -243,7 +243,11 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
                 train, _ = split_documents(corpus, data_cfg.val_fraction)
                 tokenizer = train_tokenizer(data_cfg.tokenizer_type, train, data_cfg.tokenizer_vocab)
                 _atomic_write_text(path, tokenizer.json)
-    tokenizer = load_tokenizer(str(path))
+    try:
+        tokenizer = load_tokenizer(str(path))
+    except DataError:
+        raise DataError(f"the cached tokenizer {path} is unreadable (damaged?); delete {folder} and run again "
+                        f"to retrain it") from None
     tokenizer.source = f"{data_cfg.tokenizer_type} trained on {corpus.name} ({path})"
     return tokenizer
 
@@ -265,36 +269,50 @@ def build_datasets(cfg, progress: bool = True) -> PreparedData:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
+def check_output_folder(directory: Path) -> None:
+    """--out must be a folder or a path that can become one: not a file, not below a file, writable."""
+    for path in (directory, *directory.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == directory else f"lies below the file {path}"
+            raise DataError(f"--out {directory} {where}; pass a folder for the prepared shards")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DataError(f"--out {directory}: {path} is not writable; pass a folder you can write to")
+        return
+
+
+def _parser():
+    from scaletrain.cli import ArgumentParser
     from scaletrain.configs.schema import DataConfig
 
-    parser = argparse.ArgumentParser(prog="scaletrain data prepare",
-                                     description="Tokenize a corpus into memory-mapped token shards.")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser = ArgumentParser(prog="scaletrain data", description="Data pipeline commands.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{prepare}")
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards",
+                                  description="Tokenize a corpus into memory-mapped token shards.")
+    prepare.add_argument("--out", required=True, help="output directory")
     defaults = DataConfig()
     for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
                  "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction"):
         value = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
-                            help=f"data.{name} (default: {value})")
-    parser.add_argument("--split-blank-lines", action="store_true", help="one document per blank-line block")
-    parser.add_argument("--no-progress", action="store_true")
+        prepare.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
+                             help=f"data.{name} (default: {value})")
+    prepare.add_argument("--split-blank-lines", action="store_true", help="one document per blank-line block")
+    prepare.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def cli(argv: List[str]) -> int:
     from scaletrain.configs.schema import DataConfig
 
-    if not argv or argv[0] != "prepare":
-        raise DataError("usage: scaletrain data prepare --out DIR [--corpus PATH|builtin] [--tokenizer PATH|train] "
-                        "...; see scaletrain data prepare --help")
-    args = _parser().parse_args(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
     options = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
     data_cfg = DataConfig(**options)
+    directory = Path(os.path.expanduser(args.out))
+    check_output_folder(directory)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
-    directory = Path(os.path.expanduser(args.out))
     key = _key(corpus, tokenizer, data_cfg.val_fraction)
     if _up_to_date(directory, key):
         print(f"{directory} is up to date (corpus {corpus.fingerprint[:12]}, tokenizer {tokenizer.hash[:12]})")

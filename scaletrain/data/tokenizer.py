@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from scaletrain.configs.schema import minimum_tokenizer_vocab
 from scaletrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _training_setup(kind: str, vocab_size: int):
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if kind not in KINDS:
         raise DataError(f"data.tokenizer_type={kind!r} is not one of {', '.join(KINDS)}")
-    minimum = 512 if kind != "unigram" else NUM_SENTINELS + 256
+    minimum = minimum_tokenizer_vocab(kind)
     if vocab_size < minimum:
         raise DataError(f"data.tokenizer_vocab={vocab_size} is too small for {kind}; use at least {minimum}")
     backend, trainer = _training_setup(kind, vocab_size)

@@ -3,10 +3,8 @@ the meta device (no memory is allocated, so GPT-3 175B builds in a fraction of a
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from scaletrain.errors import UserError
 from scaletrain.models.registry import build_model, count_parameters, load_model_config
 
 # the lecture's order: the original Transformer, encoders, decoders by date, GPT-3, encoder-decoders
@@ -16,10 +14,6 @@ TABLE_MODELS = (
     "gpt3_small", "gpt3_medium", "gpt3_large", "gpt3_xl", "gpt3_2_7b", "gpt3_6_7b", "gpt3_13b", "gpt3_175b",
     "t5_small", "t5_base", "t5_large", "t5_3b", "t5_11b", "bart_base", "bart_large",
 )
-
-
-class TableArgumentError(UserError):
-    pass
 
 
 def table_row(name: str) -> dict:
@@ -59,14 +53,10 @@ def format_text(rows: list[dict]) -> str:
                      [render(line[:7]) + f"  {line[7]} | {line[8]}" for line in lines])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2 through cli.main, not argparse's usage dump
-        raise TableArgumentError(f"scaletrain table: {message}; usage: scaletrain table [--format text|json] "
-                                 f"[model ...]")
-
-
 def cli(argv: list[str]) -> int:
-    parser = _Parser(prog="scaletrain table", description="the classic model table")
+    from scaletrain.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="scaletrain table", description="the classic model table")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("models", nargs="*", help="model names (default: every model of the table)")
     parser.add_argument("--cluster", default=None, help="add the planner's best layout on this cluster preset")

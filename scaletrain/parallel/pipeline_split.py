@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scaletrain.configs.schema import ModelConfig, ParallelConfig
+from scaletrain.configs.schema import ModelConfig, ParallelConfig, check_pp_split
 from scaletrain.errors import ConfigError
 from scaletrain.models.blocks import Block
 
@@ -106,13 +106,8 @@ def stage_plans(cfg: ModelConfig, parallel: ParallelConfig) -> list[StagePlan]:
     n_stages = parallel.pp * parallel.pp_virtual
     n = layer_sequence_length(cfg)
     if parallel.pp_split is not None:
-        split = list(parallel.pp_split)
-        ok = len(split) == n_stages - 1 and all(a < b for a, b in zip([0] + split, split + [n]))
-        if not ok:
-            raise ConfigError(
-                f"parallel.pp_split={split} must list {n_stages - 1} strictly increasing first-layer indices in "
-                f"(0, {n}) for pp x pp_virtual = {n_stages} stages over {n} layers; fix the list or set it to null")
-        boundaries = split
+        check_pp_split(parallel, n)
+        boundaries = list(parallel.pp_split)
     else:
         costs, head = layer_costs(cfg)
         boundaries = balanced_boundaries(costs, n_stages, head)

@@ -7,13 +7,13 @@ DIR/experiment/, runnable with the printed `scaletrain train` command."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import yaml
 
+from scaletrain.cli import ArgumentParser
 from scaletrain.configs.schema import TrainConfig
 from scaletrain.errors import ConfigError
 from scaletrain.plan.memory import GIB, count_parameters
@@ -107,7 +107,7 @@ def parse_fixed(pins: Sequence[str]) -> dict:
 
 
 def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scaletrain plan", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="scaletrain plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: model=... cluster=... launcher.nodes=N")
     parser.add_argument("--tokens", type=float, default=None, help="token budget for days and GPU-hours")
     parser.add_argument("--top", type=int, default=5)

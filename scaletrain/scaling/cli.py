@@ -8,7 +8,6 @@ through the planner's exact parameter inventory. Compute is C = 6·N·D with N t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -18,10 +17,11 @@ from typing import List
 
 from omegaconf import OmegaConf
 
+from scaletrain.cli import ArgumentParser
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.plan.memory import count_parameters, non_embedding_parameters
 from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, ScalingFitError, bootstrap_chinchilla,
-                                    fit_chinchilla, kaplan_fits)
+                                    check_enough_points, fit_chinchilla, fit_warnings, kaplan_fits)
 from scaletrain.scaling.optimal import chinchilla_optimal, inference_aware_optimal
 
 SUMMARY_FILE = "summary.csv"
@@ -56,9 +56,11 @@ def read_sweep(sweep_dir: Path) -> List[Run]:
                 params, non_embedding = count_parameters(cfg), non_embedding_parameters(cfg)
             if math.isfinite(float(loss)):
                 runs.append(Run(row["job"], params, non_embedding, float(row["tokens"]), float(loss)))
-    if len(runs) < 5:
-        raise ScalingFitError(f"{summary} has {len(runs)} finished runs with a validation loss; a fit needs at "
-                              f"least 5 (check the failed jobs' logs)")
+    try:
+        check_enough_points(runs)
+    except ScalingFitError as error:
+        raise ScalingFitError(f"{summary}: {error} (a job without final metrics does not count; check the "
+                              f"failed jobs' logs)") from None
     return runs
 
 
@@ -84,7 +86,10 @@ def fit_command(args) -> int:
     for c in budgets:
         n, d = law.optimal(c)
         print(f"  C = {c:.0e}: N* = {n:.3g}, D* = {d:.3g}, {d / n:.1f} tokens/param, loss {law(n, d):.4f}")
-    document = {"chinchilla": law.to_dict(), "intervals": intervals,
+    warnings = fit_warnings(runs, law)
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    document = {"chinchilla": law.to_dict(), "intervals": intervals, "warnings": warnings,
                 "kaplan": {k: {"alpha": v.alpha, "scale": v.scale} for k, v in kaplan.items()},
                 "runs": [vars(r) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +128,8 @@ def optimal_command(args) -> int:
 
 
 def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scaletrain scaling")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="scaletrain scaling")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,optimal}")
     fit = sub.add_parser("fit", help="fit Kaplan and Chinchilla laws to a sweep folder, write PNGs")
     fit.add_argument("sweep", type=Path)
     fit.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for intervals (0: none)")

@@ -77,6 +77,9 @@ class ChinchillaLaw:
     def optimal(self, compute: float) -> tuple:
         """(N*, D*) minimizing L(N, D) under 6·N·D = compute."""
         a, b = self.alpha, self.beta
+        if a <= 0 or b <= 0:  # an exponent at its lower bound: no interior optimum (fit_warnings says so)
+            nan = np.full(np.shape(compute), np.nan)
+            return (float(nan), float(nan)) if nan.ndim == 0 else (nan, nan)
         g = (a * self.A / (b * self.B)) ** (1 / (a + b))
         n = g * (compute / 6) ** (b / (a + b))
         return n, compute / (6 * n)
@@ -92,7 +95,8 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLaw:
     """Least squares on log L = α log x_c - α log x."""
     x, loss = np.log(np.asarray(x, float)), np.log(np.asarray(loss, float))
     if len(np.unique(x)) < 2:
-        raise ScalingFitError("a power-law fit needs at least two distinct sizes; sweep more model sizes/budgets")
+        raise ScalingFitError(f"a power-law fit needs at least 2 distinct values of x, the sweep has "
+                              f"{len(np.unique(x))}; sweep more model sizes / token budgets")
     slope, intercept = np.polyfit(x, loss, 1)
     alpha = -slope
     return PowerLaw(alpha=float(alpha), scale=float(np.exp(intercept / alpha)) if alpha != 0 else float("inf"))
@@ -145,17 +149,69 @@ def _grid_starts(grid: Dict[str, Sequence[float]], log_n, log_d, log_loss, keep:
     return list(points[np.argsort(values)[:keep]])
 
 
+EXPONENT_BOUNDS = (0.0, 3.0)  # L-BFGS-B bounds of α and β
+CHINCHILLA_CONSTANTS = 5  # E, A, α, B, β
+TERM_CONSTANTS = 3  # along N at a fixed D, the law has 3 free constants (E + B/D^β, A, α); likewise along D
+
+
+def sweep_shape(runs: Sequence[Run]) -> tuple:
+    """(distinct model sizes, distinct token budgets, distinct (size, budget) points)."""
+    return (len({r.params for r in runs}), len({r.tokens for r in runs}),
+            len({(r.params, r.tokens) for r in runs}))
+
+
+def check_enough_points(runs: Sequence[Run]) -> None:
+    """Refuses a sweep with fewer distinct (N, D) points than the law's 5 constants, saying what to add."""
+    sizes, budgets, points = sweep_shape(runs)
+    if points < CHINCHILLA_CONSTANTS:
+        raise ScalingFitError(
+            f"the Chinchilla law has {CHINCHILLA_CONSTANTS} constants but the sweep has {points} distinct (model "
+            f"size, token budget) points ({len(runs)} finished runs, {sizes} sizes x {budgets} budgets); it needs "
+            f"at least {CHINCHILLA_CONSTANTS} points with >= {TERM_CONSTANTS} model sizes and >= {TERM_CONSTANTS} "
+            f"token budgets: add {CHINCHILLA_CONSTANTS - points} more finished runs"
+            + _what_to_add(sizes, budgets))
+
+
+def _more(count: int, kind: str) -> str:
+    return f"{count} more {kind}{'s' if count > 1 else ''}"
+
+
+def _what_to_add(sizes: int, budgets: int) -> str:
+    wanted = [_more(TERM_CONSTANTS - have, kind) for have, kind in ((sizes, "model size"), (budgets, "token budget"))
+              if have < TERM_CONSTANTS]
+    return f" ({' and '.join(wanted)})" if wanted else ""
+
+
+def fit_warnings(runs: Sequence[Run], law: ChinchillaLaw) -> List[str]:
+    """What makes a fit look fine when it is not: an exponent pinned at its bound (the optimizer stopped at
+    the wall, the value is no measurement), or a term with fewer distinct points than its constants."""
+    sizes, budgets, _ = sweep_shape(runs)
+    warnings = []
+    for name, value, kind, values in (("alpha", law.alpha, "model sizes", [r.params for r in runs]),
+                                      ("beta", law.beta, "token budgets", [r.tokens for r in runs])):
+        low, high = EXPONENT_BOUNDS
+        if min(value - low, high - value) < 1e-3:
+            lo, hi = min(values), max(values)
+            warnings.append(f"Chinchilla {name} = {value:.4g} sits at its bound [{low:g}, {high:g}]: not a "
+                            f"measurement; add {kind} outside {lo:.3g}..{hi:.3g} (e.g. {lo / 3:.3g} and "
+                            f"{hi * 3:.3g}) so the curvature along that axis is visible")
+    for have, kind, term in ((sizes, "model size", "A/N^alpha"), (budgets, "token budget", "B/D^beta")):
+        if have < TERM_CONSTANTS:
+            warnings.append(f"only {have} distinct {kind}s for the {TERM_CONSTANTS} constants of E + {term}: "
+                            f"the fit passes through the points and does not determine them; add "
+                            f"{_more(TERM_CONSTANTS - have, kind)} to the sweep")
+    return warnings
+
+
 def fit_chinchilla(runs: Sequence[Run], grid: Optional[Dict[str, Sequence[float]]] = None,
                    starts: Optional[List[np.ndarray]] = None, max_iterations: int = 1000) -> ChinchillaLaw:
-    if len(runs) < 5:
-        raise ScalingFitError(f"the Chinchilla law has 5 constants but the sweep has {len(runs)} runs; "
-                              f"sweep at least 5 (size, tokens) pairs")
+    check_enough_points(runs)
     log_n = np.log([r.params for r in runs])
     log_d = np.log([r.tokens for r in runs])
     log_loss = np.log([r.loss for r in runs])
     if starts is None:
         starts = _grid_starts(grid or DEFAULT_GRID, log_n, log_d, log_loss, OPTIMIZED_STARTS)
-    bounds = [(None, None), (None, None), (None, None), (0.0, 3.0), (0.0, 3.0)]
+    bounds = [(None, None), (None, None), (None, None), EXPONENT_BOUNDS, EXPONENT_BOUNDS]
     best = None
     for start in starts:
         result = minimize(_huber_objective, start, args=(log_n, log_d, log_loss), jac=True, method="L-BFGS-B",
@@ -180,7 +236,7 @@ def bootstrap_chinchilla(runs: Sequence[Run], law: ChinchillaLaw, samples: int =
     fits = []
     for _ in range(samples):
         sample = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
-        if len({(r.params, r.tokens) for r in sample}) < 5:
+        if sweep_shape(sample)[2] < CHINCHILLA_CONSTANTS:
             continue
         # Resamples of a small sweep can be flat in some direction; 200 iterations bound the time spent there.
         fits.append(fit_chinchilla(sample, starts=starts, max_iterations=200))

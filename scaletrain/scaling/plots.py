@@ -29,6 +29,15 @@ def _groups(values: Sequence[float], relative_tolerance: float = 0.05) -> Dict[f
     return groups
 
 
+def _y_range_of_the_runs(ax, runs: Sequence[Run]) -> None:
+    """The y-axis spans the observed losses (plus a margin); fitted curves leaving it are clipped, so a
+    curve that blows up at the edge of the grid does not flatten the data into a line."""
+    losses = [r.loss for r in runs]
+    low, high = min(losses), max(losses)
+    margin = 0.15 * (high - low) or 0.05 * abs(high) or 0.1
+    ax.set_ylim(low - margin, high + margin)
+
+
 def loss_vs_params(runs: Sequence[Run], law: ChinchillaLaw, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     tokens = [r.tokens for r in runs]
@@ -40,6 +49,7 @@ def loss_vs_params(runs: Sequence[Run], law: ChinchillaLaw, path: Path) -> Path:
         ax.plot(n_grid, law(n_grid, budget), color=color, lw=1)
     ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss",
            title="Loss against model size per token budget (lines: fitted L(N, D))")
+    _y_range_of_the_runs(ax, runs)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -60,6 +70,7 @@ def iso_flop(runs: Sequence[Run], law: ChinchillaLaw, path: Path) -> Path:
         ax.scatter([n_opt], [law(n_opt, c / (6 * n_opt))], color=color, marker="*", s=120, edgecolor="k")
     ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss",
            title="Iso-FLOP curves (star: fitted compute-optimal N)")
+    _y_range_of_the_runs(ax, runs)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

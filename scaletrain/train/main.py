@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from scaletrain.configs.schema import TrainConfig, data_parallel_degree, validate_cross_fields
-from scaletrain.configs.store import CONFIG_MODULE, ROOT_CONFIG, compose_config, register_configs, to_train_config
+from omegaconf import OmegaConf
+
+from scaletrain.configs.schema import TrainConfig, data_parallel_degree, missing_resume_message, validate_cross_fields
+from scaletrain.configs.store import (CONFIG_MODULE, ROOT_CONFIG, compose_config, parse_overrides, register_configs,
+                                     to_train_config)
 from scaletrain.errors import ConfigError, RunFolderError, UserError, one_line, run_folder_error
 
 log = logging.getLogger(__name__)
@@ -48,15 +51,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
 
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
     """Expands `optim.lr=1e-3,3e-4 model=a,b` into every combination, as Hydra's basic sweeper does."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as error:
-        raise ConfigError(one_line(error)) from None
     choices = []
-    for override in parsed:
+    for override in parse_overrides(overrides):
         key = override.get_key_element()
         values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
                   else [override.get_value_element_as_str()])
@@ -82,6 +78,9 @@ def validate(cfg: TrainConfig) -> None:
 
         dp = data_parallel_degree(cfg.parallel, world_size)
         validate_schedule(cfg.parallel, n_microbatches(cfg.trainer, dp))
+    resume = Path(cfg.resume).expanduser()  # a relative path is relative to the run folder: checked there
+    if cfg.resume not in ("auto", "none") and resume.is_absolute() and not resume.exists():
+        raise ConfigError(missing_resume_message(cfg.resume))
     data, model = cfg.data, cfg.model
     if data.tokenizer == "train" and not data.prepared and model.vocab_size < data.tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than data.tokenizer_vocab="

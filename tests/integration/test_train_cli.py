@@ -56,7 +56,7 @@ def test_the_real_command_exits_2_with_one_line():
     result = subprocess.run(["scaletrain", "train", "trainer.seq_len=0"], capture_output=True, text=True,
                             timeout=120, env=cli_env())
     assert result.returncode == USER_ERROR_EXIT_CODE
-    assert result.stderr.strip().count("\n") == 0 and "trainer.seq_len must be positive" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "trainer.seq_len=0 must be positive" in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])

@@ -42,7 +42,7 @@ def test_balanced_split_weighs_decoder_blocks_and_the_head():
 
 
 @pytest.mark.parametrize("split,message", [([5], "strictly increasing"), ([2, 1], "1 strictly"),
-                                           ([0], "in \\(0, 4\\)")])
+                                           ([0], "in \\(0, "), ([4], "in \\(0, 4\\)")])
 def test_bad_explicit_split_is_a_config_error(split, message):
     cfg = load_model_config("gpt_tiny", {"n_layers": 4})
     with pytest.raises(ConfigError, match=message):

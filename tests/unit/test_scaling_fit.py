@@ -116,3 +116,53 @@ def test_scaling_cli_user_errors_exit_2(tmp_path, capsys):
     assert cli.main(["scaling", "optimal", "--compute", "-5"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "summary.csv" in err
+
+
+def write_summary(root, points, loss):
+    """summary.csv with params columns (no job configs needed): one finished job per (N, D) point."""
+    rows = [{"job": str(i), "status": "ok", "overrides": "", "tokens": d, "val_loss": loss(n, d), "params": n,
+             "non_embedding_params": n} for i, (n, d) in enumerate(points)]
+    with open(root / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_an_exponent_at_its_bound_is_flagged_with_what_to_add(tmp_path, capsys):
+    # The loss does not move with tokens over the swept budgets: beta ends on its bound (reported as a result before).
+    rng = np.random.default_rng(0)
+    points = [(n, d) for n in (1e5, 3e5, 1e6, 3e6) for d in (1e6, 2e6, 4e6)]
+    write_summary(tmp_path, points, lambda n, d: 1.5 + 60 / n**0.35 + 0.002 * rng.standard_normal())
+    assert cli.main(["scaling", "fit", str(tmp_path), "--bootstrap", "0"]) == 0
+    warnings = json.loads((tmp_path / "scaling_fit.json").read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("Chinchilla beta = 0 sits at its bound [0, 3]")
+    assert "add token budgets outside 1e+06..4e+06" in warnings[0]
+    assert f"WARNING: {warnings[0]}" in capsys.readouterr().out
+
+
+def test_fewer_distinct_points_than_constants_is_flagged_or_refused(tmp_path, capsys):
+    law = ChinchillaLaw(E=1.5, A=60.0, B=300.0, alpha=0.35, beta=0.3)
+    write_summary(tmp_path, [(n, d) for n in (1e5, 1e6) for d in (1e6, 2e6, 4e6)], law)
+    assert cli.main(["scaling", "fit", str(tmp_path), "--bootstrap", "0"]) == 0
+    warnings = json.loads((tmp_path / "scaling_fit.json").read_text())["warnings"]
+    assert any(w.startswith("only 2 distinct model sizes for the 3 constants of E + A/N^alpha") and
+               w.endswith("add 1 more model size to the sweep") for w in warnings)
+    write_summary(tmp_path, [(1e5, 1e6), (1e5, 2e6), (1e6, 1e6), (1e6, 1e6)], law)  # 4 runs, 3 distinct points
+    assert cli.main(["scaling", "fit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("has 3 distinct (model size, token budget) points (4 finished runs, 2 sizes x "
+                                     "2 budgets)") in err
+    assert "add 2 more finished runs (1 more model size and 1 more token budget)" in err
+
+
+def test_iso_flop_y_range_follows_the_runs(tmp_path, monkeypatch):
+    from scaletrain.scaling import plots
+
+    limits = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: limits.setdefault(path.name, fig.axes[0].get_ylim()))
+    runs = synthetic_runs(0)[::7]
+    law = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=3.0)  # curves far off the data at the edges
+    plots.iso_flop(runs, law, tmp_path / "iso_flop.png")
+    low, high = limits["iso_flop.png"]
+    losses = [r.loss for r in runs]
+    assert low < min(losses) and high > max(losses) and high - low < 1.5 * (max(losses) - min(losses))
