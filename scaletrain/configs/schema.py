@@ -4,6 +4,7 @@ process group exists. Every failure is a ConfigError with one line naming the fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -121,7 +122,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = "builtin"  # builtin | a path, directory or glob of text/jsonl/parquet files
-    prepared: str = ""  # a directory written by `scaletrain data prepare`; when set, corpus is not read
+    prepared: str = ""  # a directory written by `scaletrain data prepare`, or a Megatron .bin/.idx prefix
+    # A weighted blend of sources: {prepared folder | Megatron prefix | corpus to prepare: weight}; the
+    # weights are normalized. Relative keys are looked up under mixture_root. data/mixture.py.
+    mixture: Dict[str, float] = field(default_factory=dict)
+    mixture_root: str = ""
     format: str = "auto"  # auto | text | jsonl | parquet | hf_disk
     text_field: str = "text"
     split_blank_lines: bool = False  # text files: one document per blank-line block instead of per file
@@ -159,6 +164,15 @@ class DataConfig:
                "data.span_geometric_p must be in (0, 1) and data.span_max_words >= 1")
         _check(0.0 < self.bart_mask_ratio < 1.0 and self.bart_poisson_lambda > 0,
                "data.bart_mask_ratio must be in (0, 1) and data.bart_poisson_lambda > 0")
+        if self.mixture:
+            _check(not self.prepared, "data.mixture and data.prepared are both set; list the prepared folder "
+                                      "as one of the mixture's sources instead")
+            bad = {name: weight for name, weight in self.mixture.items()
+                   if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0}
+            _check(not bad, f"data.mixture weight {bad} is negative or not a number; give every source a "
+                            f"weight >= 0")
+            _check(sum(self.mixture.values()) > 0, "data.mixture weights sum to zero; give at least one "
+                                                   "source a positive weight")
 
 
 @dataclass

@@ -20,7 +20,11 @@ ROOT_CONFIG = "train"
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_train_config", node=TrainConfig)
+    node = OmegaConf.structured(TrainConfig)
+    # data.mixture is a user dict (source -> weight): its keys are the user's, so it is the one node that
+    # is not in struct mode (everywhere else an unknown key stays an error).
+    OmegaConf.set_struct(node.data.mixture, False)
+    ConfigStore.instance().store(name="base_train_config", node=node)
 
 
 def to_train_config(cfg) -> TrainConfig:

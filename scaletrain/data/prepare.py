@@ -45,6 +45,7 @@ class PreparedData:
     validation: IndexedTokens
     directory: Path
     metadata: dict
+    mixture: Optional["Mixture"] = None  # data.mixture: every source (train/validation are the first's)
 
 
 # ----------------------------------------------------------------------------- tokenization workers
@@ -115,9 +116,9 @@ def _tokenize_pool(tokenizer: Tokenizer, num_workers: int):
 
 # ----------------------------------------------------------------------------- prepare
 
-def _key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> dict:
+def _key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, shard_format: str = "scaletrain") -> dict:
     return {"format_version": FORMAT_VERSION, "input_fingerprint": corpus.fingerprint,
-            "tokenizer_hash": tokenizer.hash, "val_fraction": val_fraction}
+            "tokenizer_hash": tokenizer.hash, "val_fraction": val_fraction, "shard_format": shard_format}
 
 
 def _read_metadata(directory: Path) -> Optional[dict]:
@@ -130,6 +131,8 @@ def _read_metadata(directory: Path) -> Optional[dict]:
 
 def _up_to_date(directory: Path, key: dict) -> bool:
     metadata = _read_metadata(directory)
+    if metadata is not None:
+        metadata.setdefault("shard_format", "scaletrain")  # folders written before Megatron output existed
     if metadata is None or any(metadata.get(name) != value for name, value in key.items()):
         return False
     for split in SPLITS:  # a shard damaged after the fact is rebuilt, not trusted
@@ -158,8 +161,31 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _write_split(documents: List[str], prefix: Path, tokenizer: Tokenizer, pool_map, progress: bool) -> dict:
-    writer = IndexedWriter(prefix, token_dtype(tokenizer.vocab_size))
+def _shard_dtype(shard_format: str, vocab_size: int) -> np.dtype:
+    from scaletrain.data.megatron import megatron_dtype
+
+    return megatron_dtype(vocab_size) if shard_format == "megatron" else token_dtype(vocab_size)
+
+
+def _shard_writer(shard_format: str, prefix: Path, vocab_size: int):
+    if shard_format == "megatron":
+        from scaletrain.data.megatron import MegatronWriter
+
+        return MegatronWriter(prefix, _shard_dtype(shard_format, vocab_size))
+    return IndexedWriter(prefix, token_dtype(vocab_size))
+
+
+def _open_shards(directory: Path, metadata: dict, split: str):
+    if metadata.get("shard_format") == "megatron":
+        from scaletrain.data.megatron import MegatronTokens
+
+        return MegatronTokens(directory / split)
+    return IndexedTokens(directory / split)
+
+
+def _write_split(documents: List[str], prefix: Path, tokenizer: Tokenizer, pool_map, progress: bool,
+                 shard_format: str = "scaletrain") -> dict:
+    writer = _shard_writer(shard_format, prefix, tokenizer.vocab_size)
     bar = tqdm(total=len(documents), unit="doc", desc=f"tokenize {prefix.name}", disable=not progress,
                leave=False)
     try:
@@ -177,11 +203,12 @@ def _write_split(documents: List[str], prefix: Path, tokenizer: Tokenizer, pool_
 
 
 def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction: float = 0.02,
-            num_workers: int = 2, progress: bool = True) -> dict:
+            num_workers: int = 2, progress: bool = True, shard_format: str = "scaletrain") -> dict:
     """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split);
-    returns the metadata. Safe to call from every rank at once."""
+    returns the metadata. Safe to call from every rank at once. shard_format="megatron" writes Megatron-LM
+    .bin/.idx pairs (data/megatron.py) instead of scaletrain's."""
     directory = Path(directory)
-    key = _key(corpus, tokenizer, val_fraction)
+    key = _key(corpus, tokenizer, val_fraction, shard_format)
     if _up_to_date(directory, key):
         return _read_metadata(directory)
     with _directory_lock(directory):
@@ -193,11 +220,12 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
         splits = {}
         with _tokenize_pool(tokenizer, num_workers) as pool_map:
             for split, documents in (("train", train), ("validation", validation)):
-                splits[split] = _write_split(documents, directory / split, tokenizer, pool_map, progress)
+                splits[split] = _write_split(documents, directory / split, tokenizer, pool_map, progress,
+                                             shard_format)
         seconds = time.perf_counter() - started
         _atomic_write_text(directory / "tokenizer.json", tokenizer.json)
         metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
-                        dtype=token_dtype(tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
+                        dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
                         splits=splits, seconds=round(seconds, 3), complete=True)
         _atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
     tokens = sum(s["tokens"] for s in splits.values())
@@ -223,7 +251,7 @@ def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> Pre
         raise DataError(f"the shards in {directory} were made with tokenizer {metadata['tokenizer_hash'][:12]} "
                         f"but this run uses {tokenizer.hash[:12]} ({tokenizer.source}); re-run scaletrain data "
                         f"prepare with this tokenizer or set data.tokenizer={directory / 'tokenizer.json'}")
-    splits = {split: IndexedTokens(directory / split) for split in SPLITS}
+    splits = {split: _open_shards(directory, metadata, split) for split in SPLITS}
     return PreparedData(tokenizer, splits["train"], splits["validation"], directory, metadata)
 
 
@@ -248,17 +276,30 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
     return tokenizer
 
 
+def prepared_cache_dir(data_cfg, corpus: Corpus, tokenizer: Tokenizer) -> Path:
+    return (Path(os.path.expanduser(data_cfg.cache_dir)) / "datasets" /
+            f"{corpus.name}-{corpus.fingerprint[:12]}-{tokenizer.hash[:12]}")
+
+
 def build_datasets(cfg, progress: bool = True) -> PreparedData:
-    """(tokenizer, train, validation) for a TrainConfig: a prepared directory (data.prepared), or the corpus
-    prepared into cfg.data.cache_dir on first use, keyed by the content hashes of corpus and tokenizer."""
+    """(tokenizer, train, validation) for a TrainConfig: a prepared directory or Megatron prefix
+    (data.prepared), a weighted mixture (data.mixture), or the corpus prepared into cfg.data.cache_dir on
+    first use, keyed by the content hashes of corpus and tokenizer."""
     data_cfg = cfg.data
+    if data_cfg.mixture:
+        from scaletrain.data.mixture import build_mixture
+
+        return build_mixture(cfg, progress)
     if data_cfg.prepared:
+        from scaletrain.data.megatron import is_megatron_prefix, open_megatron_prepared
+
+        if is_megatron_prefix(Path(os.path.expanduser(data_cfg.prepared))):
+            return open_megatron_prepared(data_cfg)
         tokenizer = None if data_cfg.tokenizer == "train" else load_tokenizer(data_cfg.tokenizer)
         return open_prepared(Path(data_cfg.prepared), tokenizer)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
-    directory = (Path(os.path.expanduser(data_cfg.cache_dir)) / "datasets" /
-                 f"{corpus.name}-{corpus.fingerprint[:12]}-{tokenizer.hash[:12]}")
+    directory = prepared_cache_dir(data_cfg, corpus, tokenizer)
     prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress)
     return open_prepared(directory, tokenizer)
 
@@ -271,6 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletrain data prepare",
                                      description="Tokenize a corpus into memory-mapped token shards.")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.epilog = ("--format megatron writes Megatron-LM .bin/.idx shards (<out>/train, <out>/validation) "
+                     "instead of scaletrain's; the input format is then --input-format.")
     defaults = DataConfig()
     for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
                  "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction"):
@@ -278,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
                             help=f"data.{name} (default: {value})")
     parser.add_argument("--split-blank-lines", action="store_true", help="one document per blank-line block")
+    parser.add_argument("--input-format", default="auto",
+                        help="with --format megatron: the input's format (auto | text | jsonl | parquet | hf_disk)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -290,17 +335,20 @@ def cli(argv: List[str]) -> int:
                         "...; see scaletrain data prepare --help")
     args = _parser().parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shard_format = "scaletrain"
+    if args.format == "megatron":  # the output's format; the input's is --input-format
+        shard_format, args.format = "megatron", args.input_format
     options = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
     data_cfg = DataConfig(**options)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
     directory = Path(os.path.expanduser(args.out))
-    key = _key(corpus, tokenizer, data_cfg.val_fraction)
+    key = _key(corpus, tokenizer, data_cfg.val_fraction, shard_format)
     if _up_to_date(directory, key):
         print(f"{directory} is up to date (corpus {corpus.fingerprint[:12]}, tokenizer {tokenizer.hash[:12]})")
         return 0
     metadata = prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, shard_format=shard_format)
     splits = metadata["splits"]
     print(f"prepared {directory}: vocab {tokenizer.vocab_size}, "
           + ", ".join(f"{s} {v['documents']} docs {v['tokens']} tokens" for s, v in splits.items())
