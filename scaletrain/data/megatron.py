@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from scaletrain.data.indexed import _LENGTHS_CHUNK, IndexedWriter
 from scaletrain.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -29,7 +30,6 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
           8: np.uint16}
 CODES = {np.dtype(dtype): code for code, dtype in DTYPES.items()}
-_LENGTHS_CHUNK = 1 << 20  # sequences per block when the index is written from the spilled lengths
 
 
 def megatron_dtype(vocab_size: int) -> np.dtype:
@@ -136,58 +136,31 @@ def open_megatron_prepared(data_cfg):
     return PreparedData(tokenizer, train, validation, prefix.parent, metadata)
 
 
-class MegatronWriter:
-    """Writes one sequence per document. The lengths spill to a side file so memory stays bounded
-    however many documents come; `finish()` writes the index from it and renames both files."""
+class MegatronWriter(IndexedWriter):
+    """One sequence per document, the .idx in Megatron's layout; spilling and resuming as IndexedWriter."""
 
-    def __init__(self, prefix: Path, dtype: np.dtype):
-        self.prefix = Path(prefix)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in CODES:
-            raise DataError(f"Megatron has no dtype code for {self.dtype}")
-        self.bin_partial = Path(f"{self.prefix}.bin.partial")
-        self.idx_partial = Path(f"{self.prefix}.idx.partial")
-        self.lengths_partial = Path(f"{self.prefix}.lengths.partial")
-        self._bin = open(self.bin_partial, "wb")
-        self._lengths = open(self.lengths_partial, "wb")
-        self.tokens = 0
-        self.documents = 0
+    def __init__(self, prefix: Path, dtype: np.dtype, resume_at=None):
+        if np.dtype(dtype) not in CODES:
+            raise DataError(f"Megatron has no dtype code for {np.dtype(dtype)}")
+        super().__init__(prefix, dtype, resume_at)
+
+    def _final_paths(self):
+        return Path(f"{self.prefix}.bin"), Path(f"{self.prefix}.idx")
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """tokens: (sum(lengths),) the documents concatenated; lengths: (n_docs,)."""
         if tokens.size and int(tokens.max()) > np.iinfo(self.dtype).max:
             raise DataError(f"token id {int(tokens.max())} does not fit the Megatron dtype {self.dtype.name}")
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
-        self.tokens += int(tokens.size)
-        self.documents += int(np.size(lengths))
+        super().add_documents(tokens, lengths)
 
-    def finish(self) -> int:
-        from scaletrain.data.indexed import _fsync_rename
-
-        self._bin.close()
-        self._lengths.close()
+    def _write_index(self, handle) -> None:
         count = self.documents
-        with open(self.idx_partial, "wb") as index, open(self.lengths_partial, "rb") as spilled:
-            index.write(_HEADER.pack(MAGIC, VERSION, CODES[self.dtype], count, count + 1))
-            for chunk in iter(lambda: spilled.read(4 * _LENGTHS_CHUNK), b""):
-                index.write(chunk)
-            spilled.seek(0)
-            position = 0
-            for chunk in iter(lambda: spilled.read(4 * _LENGTHS_CHUNK), b""):
-                lengths = np.frombuffer(chunk, dtype=np.int32).astype(np.int64)
-                ends = position + np.cumsum(lengths) * self.dtype.itemsize
-                index.write(np.concatenate([[position], ends[:-1]]).astype(np.int64).tobytes())
-                position = int(ends[-1])
-            for start in range(0, count + 1, _LENGTHS_CHUNK):
-                index.write(np.arange(start, min(start + _LENGTHS_CHUNK, count + 1), dtype=np.int64).tobytes())
-        self.lengths_partial.unlink()
-        _fsync_rename(self.bin_partial, Path(f"{self.prefix}.bin"))
-        _fsync_rename(self.idx_partial, Path(f"{self.prefix}.idx"))
-        return count
-
-    def abort(self) -> None:
-        self._bin.close()
-        self._lengths.close()
-        for path in (self.bin_partial, self.idx_partial, self.lengths_partial):
-            path.unlink(missing_ok=True)
+        handle.write(_HEADER.pack(MAGIC, VERSION, CODES[self.dtype], count, count + 1))
+        for lengths in self.spilled_lengths():  # int32 sequence lengths
+            handle.write(lengths.astype(np.int32).tobytes())
+        position = 0
+        for lengths in self.spilled_lengths():  # int64 byte pointers: where each sequence starts
+            ends = position + np.cumsum(lengths) * self.dtype.itemsize
+            handle.write(np.concatenate([[position], ends[:-1]]).astype(np.int64).tobytes())
+            position = int(ends[-1])
+        for start in range(0, count + 1, _LENGTHS_CHUNK):  # document i is sequence i
+            handle.write(np.arange(start, min(start + _LENGTHS_CHUNK, count + 1), dtype=np.int64).tobytes())
