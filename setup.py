@@ -22,11 +22,13 @@ setup(
             "pytest>=8",
             "transformers>=4.45",
             "datasets>=2.19",  # the parquet / saved-dataset corpus readers are tested (and the prepare benchmark)
+            "zstandard>=0.22",  # .zst corpus files are tested
             "triton>=3.1; platform_system=='Linux'",
             "submitit>=1.5",
             "hydra-submitit-launcher>=1.2",
         ],
         "slurm": ["submitit>=1.5", "hydra-submitit-launcher>=1.2"],
+        "zstd": ["zstandard>=0.22"],  # reading .zst corpus files in scaletrain data prepare
     },
     entry_points={"console_scripts": ["scaletrain=scaletrain.cli:main"]},
 )

@@ -2,6 +2,7 @@
 `.map(batched=True, num_proc=2)` with the same tokenizer, each in its own process so peak memory is its own.
 
     python benchmarks/data_prepare.py [--workers 2] [--vocab 8192] [--repeat 3]
+    python benchmarks/data_prepare.py --large-mb 200     # generated JSONL of 200 MB and 400 MB, streamed
 
 Both sides start from the same documents in memory (parsing the stdlib is not timed) and end with every
 train and validation token on disk. Needs `pip install datasets` (see constraints.txt)."""
@@ -81,6 +82,76 @@ def run_hf_datasets(vocab: int, workers: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": _peak_rss_mb()}
 
 
+_WORDS = ("the model reads tokens and writes shards while workers tokenize documents in parallel so that "
+          "training never waits for data every epoch sees a new order of samples from the mixture").split()
+
+
+def _generate(path: Path, megabytes: float) -> None:
+    """JSONL of random sentences, written in blocks (never all in memory)."""
+    import numpy as np
+
+    rng, written = np.random.default_rng(0), 0
+    with open(path, "w") as handle:
+        while written < megabytes * 2**20:
+            lines = "".join(json.dumps({"text": " ".join(rng.choice(_WORDS, size=rng.integers(50, 400)))}) + "\n"
+                            for _ in range(2000))
+            handle.write(lines)
+            written += len(lines)
+
+
+def run_large(which: str, path: str, vocab: int, workers: int) -> dict:
+    corpus, tokenizer = _tokenizer(vocab)
+    with tempfile.TemporaryDirectory() as out:
+        started, cpu = time.perf_counter(), _cpu_seconds()
+        if which == "scaletrain":
+            from scaletrain.data.corpus import load_corpus
+            from scaletrain.data.prepare import prepare
+
+            metadata = prepare(load_corpus(path), tokenizer, Path(out), num_workers=workers, progress=False)
+            tokens = sum(split["tokens"] for split in metadata["splits"].values())
+        else:
+            import datasets
+            from tokenizers import Tokenizer as Backend
+
+            datasets.disable_progress_bars()
+            backend_json, eod = tokenizer.json, tokenizer.eod_id
+
+            def tokenize(batch, _cache={}):
+                backend = _cache.setdefault("backend", Backend.from_str(backend_json))
+                return {"input_ids": [e.ids + [eod] for e in backend.encode_batch(batch["text"], add_special_tokens=False)]}
+
+            dataset = datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(Path(out) / "cache"))
+            dataset = dataset.map(tokenize, batched=True, num_proc=workers, remove_columns=["text"])
+            dataset.save_to_disk(str(Path(out) / "saved"))
+            tokens = sum(len(ids) for ids in dataset.with_format("arrow")["input_ids"].to_pylist())
+        seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": _peak_rss_mb()}
+
+
+def large_case(args) -> None:
+    """The corpus at --large-mb and twice that: tokens/s and peak RSS, ours against datasets.map."""
+    _tokenizer(args.vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        for megabytes in (args.large_mb, 2 * args.large_mb):
+            path = Path(folder) / f"corpus-{megabytes}.jsonl"
+            _generate(path, megabytes)
+            results = {}
+            for which in ("scaletrain", "hf"):
+                command = [sys.executable, __file__, "--run-large", which, "--input", str(path),
+                           "--vocab", str(args.vocab), "--workers", str(args.workers)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                results[which] = json.loads(output.strip().splitlines()[-1])
+            size = path.stat().st_size / 2**20
+            for name, which in (("scaletrain data prepare", "scaletrain"), ("HF load_dataset + .map", "hf")):
+                r = results[which]
+                print(f"{size:7.0f} MB  {name:24s} {r['tokens'] / r['seconds']:>12,.0f} tokens/s  "
+                      f"{r['seconds']:7.1f} s  peak RSS {r['peak_mb']:7.0f} MB")
+            ours, theirs = results["scaletrain"], results["hf"]
+            print(f"{size:7.0f} MB  speed ratio {theirs['seconds'] / ours['seconds']:.2f}x, memory ratio "
+                  f"{ours['peak_mb'] / theirs['peak_mb']:.2f}x ({ours['tokens']:,} tokens; datasets {theirs['tokens']:,})")
+            path.unlink()
+
+
 def _in_subprocess(which: str, args) -> dict:
     command = [sys.executable, __file__, "--run", which, "--vocab", str(args.vocab), "--workers", str(args.workers)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -92,8 +163,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--large-mb", type=float, default=0,
+                        help="also/instead: a generated JSONL corpus of this many MB and twice that")
     parser.add_argument("--run", choices=["scaletrain", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-large", choices=["scaletrain", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_large:
+        print(json.dumps(run_large(args.run_large, args.input, args.vocab, args.workers)))
+        return
+    if args.large_mb:
+        large_case(args)
+        return
     if args.run:
         result = (run_scaletrain if args.run == "scaletrain" else run_hf_datasets)(args.vocab, args.workers)
         print(json.dumps(result))

@@ -6,9 +6,9 @@ line naming the field and the fix."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
 from scaletrain.errors import ConfigError
@@ -157,7 +157,11 @@ def minimum_tokenizer_vocab(tokenizer_type: str) -> int:
 @dataclass
 class DataConfig:
     corpus: str = "builtin"  # builtin | a path, directory or glob of text/jsonl/parquet files
-    prepared: str = ""  # a directory written by `scaletrain data prepare`; when set, corpus is not read
+    prepared: str = ""  # a directory written by `scaletrain data prepare`, or a Megatron .bin/.idx prefix
+    # A weighted blend of sources: {prepared folder | Megatron prefix | corpus to prepare: weight}; the
+    # weights are normalized. Relative keys are looked up under mixture_root. data/mixture.py.
+    mixture: Dict[str, float] = field(default_factory=dict)
+    mixture_root: str = ""
     format: str = "auto"  # auto | text | jsonl | parquet | hf_disk
     text_field: str = "text"
     split_blank_lines: bool = False  # text files: one document per blank-line block instead of per file
@@ -198,6 +202,24 @@ class DataConfig:
             _check(self.tokenizer_vocab >= minimum,
                    f"data.tokenizer_vocab={self.tokenizer_vocab} is too small for a {self.tokenizer_type} "
                    f"tokenizer; use at least {minimum}")
+        _check(0.0 < self.mlm_probability < 1.0, "data.mlm_probability must be in (0, 1)")
+        _check(0.0 < self.noise_density < 1.0, "data.noise_density must be in (0, 1)")
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+        _check(self.tokenizer_vocab > 0 and self.num_workers >= 0,
+               "data.tokenizer_vocab must be positive and data.num_workers >= 0")
+        _check(0.0 < self.span_geometric_p < 1.0 and self.span_max_words >= 1,
+               "data.span_geometric_p must be in (0, 1) and data.span_max_words >= 1")
+        _check(0.0 < self.bart_mask_ratio < 1.0 and self.bart_poisson_lambda > 0,
+               "data.bart_mask_ratio must be in (0, 1) and data.bart_poisson_lambda > 0")
+        if self.mixture:
+            _check(not self.prepared, "data.mixture and data.prepared are both set; list the prepared folder "
+                                      "as one of the mixture's sources instead")
+            bad = {name: weight for name, weight in self.mixture.items()
+                   if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0}
+            _check(not bad, f"data.mixture weight {bad} is negative or not a number; give every source a "
+                            f"weight >= 0")
+            _check(sum(self.mixture.values()) > 0, "data.mixture weights sum to zero; give at least one "
+                                                   "source a positive weight")
 
 
 @dataclass

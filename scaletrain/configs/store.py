@@ -29,7 +29,11 @@ _OVERRIDE_EXAMPLE = "write key=value, e.g. trainer.max_steps=100"
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_train_config", node=TrainConfig)
+    node = OmegaConf.structured(TrainConfig)
+    # data.mixture is a user dict (source -> weight): its keys are the user's, so it is the one node that
+    # is not in struct mode (everywhere else an unknown key stays an error).
+    OmegaConf.set_struct(node.data.mixture, False)
+    ConfigStore.instance().store(name="base_train_config", node=node)
 
 
 # ----------------------------------------------------------------------------- keys of the schema

@@ -8,8 +8,12 @@ order files are listed in or on how many workers read them."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import glob
+import io
+import itertools
+import gzip
 import hashlib
 import json
 import logging
@@ -20,9 +24,9 @@ import sysconfig
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional, Tuple
 
-from scaletrain.errors import DataError
+from scaletrain.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +40,26 @@ _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-pa
                 "ensurepip", "__pycache__", "tkinter"}
 
 
+Report = Callable[[int], None]  # a reader calls it with the bytes of its file consumed so far
+
+
 @dataclass
 class Corpus:
     name: str
     fingerprint: str  # sha256 over the content (and the reading options that change the documents)
     _read: Callable[[], Iterator[str]] = field(repr=False)
+    # Files read one at a time (a prepare resumes after the last finished one); empty: one unit, _read.
+    files: List[Path] = field(default_factory=list, repr=False)
+    _read_file: Optional[Callable[[Path, Report], Iterator[str]]] = field(default=None, repr=False)
 
     def documents(self) -> Iterator[str]:
         return self._read()
+
+    def units(self) -> List[Tuple[str, int, Callable[[Report], Iterator[str]]]]:
+        """(name, bytes on disk, read(report) -> documents) per input file, in order."""
+        if not self.files or self._read_file is None:
+            return [(self.name, 0, lambda report: self._read())]
+        return [(str(path), path.stat().st_size, functools.partial(self._read_file, path)) for path in self.files]
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -124,10 +140,70 @@ def resolve_files(spec: str) -> List[Path]:
     return [path]
 
 
+COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
+_REPORT_EVERY = 4096  # lines between progress reports
+
+
+def inner_suffix(path: Path) -> str:
+    """data.jsonl.gz -> .jsonl: the format under the compression."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+@contextlib.contextmanager
+def open_input(path: Path):
+    """-> (binary stream of the decompressed bytes, the raw file: raw.tell() is the progress on disk)."""
+    with open(path, "rb") as raw:
+        suffix = path.suffix.lower()
+        if suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw) as stream:
+                yield stream, raw
+        elif suffix in (".zst", ".zstd"):
+            try:
+                import zstandard
+            except ImportError:
+                raise DataError(f"{path} is zstd-compressed; pip install zstandard (or scaletrain[zstd])") from None
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as stream:
+                yield io.BufferedReader(stream), raw
+        else:
+            yield raw, raw
+
+
+def _read_all(path: Path) -> bytes:
+    with open_input(path) as (stream, _):
+        return _checked_read(path, stream.read)
+
+
+def _checked_read(path: Path, read):
+    try:
+        return read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; zstd raises ZstdError (OSError-like)
+        raise DataError(f"{path} cannot be decompressed ({one_line(error)}); re-download or remove it") from None
+    except Exception as error:
+        if type(error).__name__ == "ZstdError":
+            raise DataError(f"{path} cannot be decompressed ({one_line(error)}); re-download or remove it") from None
+        raise
+
+
+def _lines(path: Path, report: Report) -> Iterator[bytes]:
+    with open_input(path) as (stream, raw):
+        iterator = iter(stream)
+        for number in itertools.count(1):
+            line = _checked_read(path, lambda: next(iterator, None))
+            if line is None:
+                break
+            if number % _REPORT_EVERY == 0:
+                report(raw.tell())
+            yield line
+    report(path.stat().st_size)
+
+
 def detect_format(files: List[Path], format: str) -> str:
     if format != "auto":
         return format
-    suffixes = {p.suffix.lower() for p in files}
+    suffixes = {inner_suffix(p) for p in files}
     if suffixes <= JSONL_SUFFIXES:
         return "jsonl"
     if suffixes <= PARQUET_SUFFIXES:
@@ -137,7 +213,8 @@ def detect_format(files: List[Path], format: str) -> str:
     return "text"
 
 
-def _decode(path: Path, data: bytes, errors: str) -> str:
+def _decode(path: Path, data: bytes, errors: str, replaced: Optional[list] = None) -> str:
+    """`replaced` (a one-item counter) collects the count instead of logging it per call."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -146,7 +223,10 @@ def _decode(path: Path, data: bytes, errors: str) -> str:
     if errors == "strict":
         raise DataError(f"{path} has {bad} undecodable bytes (not UTF-8); re-encode it as UTF-8 or set "
                         f"data.decode_errors=replace")
-    log.warning("%s: replaced %d undecodable bytes with U+FFFD", path, bad)
+    if replaced is None:
+        log.warning("%s: replaced %d undecodable bytes with U+FFFD", path, bad)
+    else:
+        replaced[0] += bad
     return data.decode("utf-8", errors="replace")
 
 
@@ -161,14 +241,23 @@ def _count_undecodable(data: bytes) -> int:
             position += error.end
 
 
-def _text_documents(files: List[Path], split_blank_lines: bool, errors: str) -> Iterator[str]:
-    for path in files:
-        text = _decode(path, path.read_bytes(), errors)
-        if split_blank_lines:
-            # A block is text between blank (or whitespace-only) lines; the lines themselves are no documents.
-            yield from (block.strip() for block in _BLANK_LINES.split(text) if block.strip())
-        else:
-            yield text.strip()
+def _text_file(path: Path, split_blank_lines: bool, errors: str, report: Report) -> Iterator[str]:
+    if not split_blank_lines:  # the file is one document: it is in memory once anyway
+        yield _decode(path, _read_all(path), errors).strip()
+        report(path.stat().st_size)
+        return
+    # A block is text between blank (or whitespace-only) lines; the lines themselves are no documents.
+    block, replaced = [], [0]
+    for line in itertools.chain(_lines(path, report), [b"\n"]):
+        if line.strip(b" \t\r\n"):
+            block.append(line)
+        elif block:
+            text = _decode(path, b"".join(block), errors, replaced).strip()
+            block = []
+            if text:
+                yield text
+    if replaced[0]:
+        log.warning("%s: replaced %d undecodable bytes with U+FFFD", path, replaced[0])
 
 
 def _text(value, where: str, text_field: str) -> str:
@@ -180,31 +269,40 @@ def _text(value, where: str, text_field: str) -> str:
                     f"data.text_field to the field holding the text")
 
 
-def _jsonl_documents(files: List[Path], text_field: str, errors: str) -> Iterator[str]:
-    for path in files:
-        for line_number, line in enumerate(_decode(path, path.read_bytes(), errors).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or remove the "
-                                f"line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{path}:{line_number} has no field {text_field!r}; set data.text_field to the "
-                                f"field holding the text")
-            yield _text(record[text_field], f"{path}:{line_number}", text_field)
+def _jsonl_file(path: Path, text_field: str, errors: str, report: Report) -> Iterator[str]:
+    replaced = [0]
+    for line_number, raw_line in enumerate(_lines(path, report), 1):
+        line = _decode(path, raw_line, errors, replaced)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or remove the "
+                            f"line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{path}:{line_number} has no field {text_field!r}; set data.text_field to the "
+                            f"field holding the text")
+        yield _text(record[text_field], f"{path}:{line_number}", text_field)
+    if replaced[0]:
+        log.warning("%s: replaced %d undecodable bytes with U+FFFD", path, replaced[0])
 
 
-def _parquet_documents(files: List[Path], text_field: str) -> Iterator[str]:
+def _parquet_file(path: Path, text_field: str, report: Report) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install pyarrow (or datasets)") from None
-    for path in files:
-        table = pq.read_table(path, columns=[text_field])
-        for row, text in enumerate(table.column(text_field).to_pylist()):
+    handle = pq.ParquetFile(path)
+    if text_field not in handle.schema_arrow.names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(handle.schema_arrow.names)}); "
+                        f"set data.text_field")
+    rows, size, done = max(handle.metadata.num_rows, 1), path.stat().st_size, 0
+    for batch in handle.iter_batches(batch_size=1024, columns=[text_field]):  # one batch in memory at a time
+        for row, text in enumerate(batch.column(0).to_pylist(), done):
             yield _text(text, f"{path} row {row}", text_field)
+        done += batch.num_rows
+        report(size * done // rows)
 
 
 def _hf_disk_documents(folder: Path, text_field: str) -> Iterator[str]:
@@ -222,6 +320,10 @@ def _hf_disk_documents(folder: Path, text_field: str) -> Iterator[str]:
     for start in range(0, len(dataset), 1000):
         for row, text in enumerate(dataset[start:start + 1000][text_field], start):
             yield _text(text, f"{folder} row {row}", text_field)
+
+
+def _ignore(_: int) -> None:
+    pass
 
 
 def _fingerprint_files(files: List[Path], options: str) -> str:
@@ -243,16 +345,16 @@ def load_corpus(spec: str = "builtin", format: str = "auto", text_field: str = "
     options = f"{format}|{text_field}|{split_blank_lines}|{decode_errors}"
     fingerprint = _fingerprint_files(files, options)
     name = Path(os.path.expanduser(spec.split("*")[0])).name or "corpus"
-    if format == "text":
-        read = lambda: _text_documents(files, split_blank_lines, decode_errors)  # noqa: E731
-    elif format == "jsonl":
-        read = lambda: _jsonl_documents(files, text_field, decode_errors)  # noqa: E731
-    elif format == "parquet":
-        read = lambda: _parquet_documents(files, text_field)  # noqa: E731
-    else:
-        folder = Path(os.path.expanduser(spec))
-        folder = folder if folder.is_dir() else folder.parent
-        read = lambda: _hf_disk_documents(folder, text_field)  # noqa: E731
+    readers = {"text": lambda path, report: _text_file(path, split_blank_lines, decode_errors, report),
+               "jsonl": lambda path, report: _jsonl_file(path, text_field, decode_errors, report),
+               "parquet": lambda path, report: _parquet_file(path, text_field, report)}
+    if format in readers:
+        read_file = readers[format]
+        read = lambda: itertools.chain.from_iterable(read_file(path, _ignore) for path in files)  # noqa: E731
+        return Corpus(name=name, fingerprint=fingerprint, _read=read, files=files, _read_file=read_file)
+    folder = Path(os.path.expanduser(spec))
+    folder = folder if folder.is_dir() else folder.parent
+    read = lambda: _hf_disk_documents(folder, text_field)  # noqa: E731
     return Corpus(name=name, fingerprint=fingerprint, _read=read)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import List
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -34,40 +34,83 @@ def _fsync_rename(partial: Path, final: Path) -> None:
     os.replace(partial, final)
 
 
+_LENGTHS_CHUNK = 1 << 20  # documents per block when the index is built from the spilled lengths
+
+
+def _open_at(path: Path, size: Optional[int]):
+    """A fresh file (size None), or a killed writer's file cut back to the `size` bytes it had flushed."""
+    if size is None:
+        return open(path, "wb")
+    if not path.is_file() or path.stat().st_size < size:
+        raise DataError(f"{path} is shorter than its prepare journal says ({size} bytes); delete the folder and "
+                        f"re-run scaletrain data prepare")
+    handle = open(path, "r+b")
+    handle.truncate(size)
+    handle.seek(size)
+    return handle
+
+
 class IndexedWriter:
     """Appends documents (already tokenized, EOD included) to `<prefix>.bin.partial`; `finish()` writes the
-    index and renames both files into place."""
+    index and renames both files into place. The document lengths spill to `<prefix>.lengths.partial`, so
+    memory stays bounded whatever the document count. `resume_at=(tokens, documents)` continues a killed
+    writer from a point its `flush()` made durable."""
 
-    def __init__(self, prefix: Path, dtype: np.dtype):
+    def __init__(self, prefix: Path, dtype: np.dtype, resume_at: Optional[Tuple[int, int]] = None):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self.bin_partial = self.prefix.with_suffix(".bin.partial")
-        self.idx_partial = self.prefix.with_suffix(".idx.partial")
-        self._handle = open(self.bin_partial, "wb")
-        self._lengths: List[np.ndarray] = []
-        self.tokens = 0
+        self.bin_path, self.idx_path = self._final_paths()
+        self.bin_partial = self.bin_path.with_name(self.bin_path.name + ".partial")
+        self.idx_partial = self.idx_path.with_name(self.idx_path.name + ".partial")
+        self.lengths_partial = self.bin_path.with_name(self.bin_path.stem + ".lengths.partial")
+        self.tokens, self.documents = resume_at or (0, 0)
+        self._handle = _open_at(self.bin_partial, resume_at and self.tokens * self.dtype.itemsize)
+        self._lengths = _open_at(self.lengths_partial, resume_at and self.documents * 8)
+
+    def _final_paths(self) -> Tuple[Path, Path]:
+        return self.prefix.with_suffix(".bin"), self.prefix.with_suffix(".idx")
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """tokens: (sum(lengths),) the documents concatenated; lengths: (n_docs,)."""
         self._handle.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+        self._lengths.write(np.asarray(lengths, dtype=np.int64).tobytes())
         self.tokens += int(tokens.size)
+        self.documents += int(np.size(lengths))
+
+    def flush(self) -> None:
+        for handle in (self._handle, self._lengths):
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def spilled_lengths(self) -> Iterator[np.ndarray]:
+        """The lengths written so far, in blocks of at most _LENGTHS_CHUNK (int64)."""
+        with open(self.lengths_partial, "rb") as handle:
+            for chunk in iter(lambda: handle.read(8 * _LENGTHS_CHUNK), b""):
+                yield np.frombuffer(chunk, dtype=np.int64)
+
+    def _write_index(self, handle) -> None:
+        handle.write(_HEADER.pack(MAGIC, _CODES[self.dtype], self.documents, self.tokens))
+        handle.write(np.zeros(1, np.int64).tobytes())
+        position = 0
+        for lengths in self.spilled_lengths():
+            ends = position + np.cumsum(lengths)
+            handle.write(ends.tobytes())
+            position = int(ends[-1])
 
     def finish(self) -> int:
         self._handle.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        self._lengths.close()
         with open(self.idx_partial, "wb") as handle:
-            handle.write(_HEADER.pack(MAGIC, _CODES[self.dtype], lengths.size, self.tokens))
-            handle.write(offsets.tobytes())
-        _fsync_rename(self.bin_partial, self.prefix.with_suffix(".bin"))
-        _fsync_rename(self.idx_partial, self.prefix.with_suffix(".idx"))
-        return lengths.size
+            self._write_index(handle)
+        self.lengths_partial.unlink()
+        _fsync_rename(self.bin_partial, self.bin_path)
+        _fsync_rename(self.idx_partial, self.idx_path)
+        return self.documents
 
     def abort(self) -> None:
         self._handle.close()
-        for path in (self.bin_partial, self.idx_partial):
+        self._lengths.close()
+        for path in (self.bin_partial, self.idx_partial, self.lengths_partial):
             path.unlink(missing_ok=True)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.indexed import IndexedTokens
+from scaletrain.data.mixture import MixtureOrder
 from scaletrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ class SampleView:
         return np.asarray(self.tokens[start:start + self.window])
 
 
-def make_example(view: SampleView, objective, index: int, seed: int, stream: int, epoch: int) -> dict:
+def make_example(view: SampleView, objective, index: int, seed: int, stream: int, epoch: int,
+                 source: tuple = ()) -> dict:
+    """`source` is () for a single dataset and (s,) for mixture source s, so sources draw other masks."""
     rng = None
     if objective.needs_rng:
         # Static masking (original BERT) reuses the epoch-0 masks; dynamic (RoBERTa) redraws every epoch.
         mask_epoch = epoch if getattr(objective, "dynamic", True) else 0
-        rng = np.random.default_rng((seed, stream, mask_epoch, index))
+        rng = np.random.default_rng((seed, stream, mask_epoch, index) + source)
     other = None
     if getattr(objective, "needs_other", False):  # NSP's unrelated second segment: any other sample
         other_index = int(rng.integers(max(view.num_samples - 1, 1)))
@@ -88,14 +91,20 @@ def collate(examples: List[dict]) -> Batch:
 class Loader:
     """Iterating yields, per optimizer step, this dp rank's list of `accumulation_steps` micro-batches."""
 
-    def __init__(self, dataset: IndexedTokens, objective, seq_len: int, global_batch: int, micro_batch: int,
+    def __init__(self, dataset, objective, seq_len: int, global_batch: int, micro_batch: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        """`dataset`: IndexedTokens (or MegatronTokens), or a data.mixture.Mixture of several."""
         if global_batch % (micro_batch * dp_size) != 0:
             raise DataError(f"trainer.global_batch={global_batch} is not divisible by trainer.micro_batch x dp "
                             f"= {micro_batch} x {dp_size}; change global_batch or micro_batch")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
-        self.view = SampleView(dataset, objective, seq_len)
+        self.mixture = getattr(dataset, "sources", None) and dataset
+        if self.mixture:
+            self.views = [SampleView(source.train, objective, seq_len, split=f"{source.name} train")
+                          for source in self.mixture.sources]
+            self.order = MixtureOrder(self.mixture.weights, [v.num_samples for v in self.views], seed)
+        self.view = self.views[0] if self.mixture else SampleView(dataset, objective, seq_len)
         self.objective = objective
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -118,6 +127,10 @@ class Loader:
         return self._permutation
 
     def sample_at(self, position: int) -> dict:
+        if self.mixture:
+            source, index, epoch = self.order.locate(position)
+            return make_example(self.views[source], self.objective, index, self.seed, _TRAIN_STREAM, epoch,
+                                (source,))
         epoch, offset = divmod(position, self.samples_per_epoch)
         index = int(self.permutation(epoch)[offset])
         return make_example(self.view, self.objective, index, self.seed, _TRAIN_STREAM, epoch)
@@ -137,14 +150,25 @@ class Loader:
         self.consumed_samples += self.global_batch
         return micro_batches
 
+    def log_plan(self, total_samples) -> None:
+        """Logs each mixture source's weight and epochs over the run (nothing for a single dataset)."""
+        if self.mixture:
+            self.mixture.log_plan([view.num_samples for view in self.views], total_samples)
+
+    def _identity(self) -> dict:
+        if self.mixture:  # a mixture's samples_per_epoch is per source, and the weights are part of the order
+            return {"samples_per_epoch": [view.num_samples for view in self.views],
+                    "mixture_weights": [round(weight, 12) for weight in self.mixture.weights]}
+        return {"samples_per_epoch": self.samples_per_epoch}
+
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
-                "samples_per_epoch": self.samples_per_epoch, "window": self.view.window,
-                "objective": self.objective.name}
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed, **self._identity(),
+                "window": self.view.window, "objective": self.objective.name}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (state["samples_per_epoch"], state["window"], state["objective"], state["seed"])
-        current = (self.samples_per_epoch, self.view.window, self.objective.name, self.seed)
+        saved = ({key: state.get(key) for key in self._identity()}, state["window"], state["objective"],
+                 state["seed"])
+        current = (self._identity(), self.view.window, self.objective.name, self.seed)
         if saved != current:
             raise DataError(f"the loader state was saved for (samples, window, objective, seed) = {saved} but "
                             f"this run has {current}; resume with the same data, seq_len, objective and seed")

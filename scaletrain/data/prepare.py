@@ -15,19 +15,18 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
 from scaletrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype
+from scaletrain.data.streaming import StreamingPrepare
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
 
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
-_CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
 
 
 @dataclass
@@ -45,79 +43,16 @@ class PreparedData:
     validation: IndexedTokens
     directory: Path
     metadata: dict
-
-
-# ----------------------------------------------------------------------------- tokenization workers
-
-_worker_tokenizer: Optional[Tokenizer] = None
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    from tokenizers import Tokenizer as Backend
-
-    _worker_tokenizer = Tokenizer(Backend.from_str(tokenizer_json))
-
-
-def _tokenize_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """-> (tokens of every document followed by EOD, concatenated; per-document lengths incl. EOD)."""
-    tokenizer = _worker_tokenizer
-    ids = tokenizer.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=token_dtype(tokenizer.vocab_size))
-    ends = np.cumsum(lengths)
-    for document, end in zip(ids, ends):
-        tokens[end - len(document) - 1:end - 1] = document
-        tokens[end - 1] = tokenizer.eod_id
-    return tokens, lengths
-
-
-def _chunks(documents: List[str]) -> Iterator[List[str]]:
-    chunk, size = [], 0
-    for document in documents:
-        chunk.append(document)
-        size += len(document)
-        if size >= _CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-@contextlib.contextmanager
-def _tokenize_pool(tokenizer: Tokenizer, num_workers: int):
-    """Yields an ordered map(chunk -> arrays); worker processes when num_workers > 1."""
-    daemonic = multiprocessing.current_process().daemon  # e.g. a test rank: it may not have children
-    if daemonic and num_workers > 1:
-        log.info("tokenizing in this process: a daemonic process cannot start data.num_workers=%d workers",
-                 num_workers)
-    if num_workers <= 1 or daemonic:
-        _init_worker(tokenizer.json)
-        yield lambda chunks: map(_tokenize_chunk, chunks)
-        return
-    # fork starts a worker in milliseconds where spawn re-imports for about a second, which is most of the
-    # job on a few-MB corpus. The children only run the Rust tokenizer and numpy, never torch, so threads
-    # the parent holds (torch, gloo) are not touched. TOKENIZERS_PARALLELISM=false makes each worker one
-    # thread (the processes are the parallelism) and silences the library's fork warning.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        context = multiprocessing.get_context(method)
-        with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.json,)) as pool:
-            yield lambda chunks: pool.imap(_tokenize_chunk, chunks)
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    mixture: Optional["Mixture"] = None  # data.mixture: every source (train/validation are the first's)
 
 
 # ----------------------------------------------------------------------------- prepare
 
-def _key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> dict:
+def _key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, shard_format: str = "scaletrain",
+         dedup: bool = False) -> dict:
     return {"format_version": FORMAT_VERSION, "input_fingerprint": corpus.fingerprint,
-            "tokenizer_hash": tokenizer.hash, "val_fraction": val_fraction}
+            "tokenizer_hash": tokenizer.hash, "val_fraction": val_fraction, "shard_format": shard_format,
+            "dedup": dedup}
 
 
 def _read_metadata(directory: Path) -> Optional[dict]:
@@ -130,6 +65,9 @@ def _read_metadata(directory: Path) -> Optional[dict]:
 
 def _up_to_date(directory: Path, key: dict) -> bool:
     metadata = _read_metadata(directory)
+    if metadata is not None:
+        metadata.setdefault("shard_format", "scaletrain")  # folders written before these options existed
+        metadata.setdefault("dedup", False)
     if metadata is None or any(metadata.get(name) != value for name, value in key.items()):
         return False
     for split in SPLITS:  # a shard damaged after the fact is rebuilt, not trusted
@@ -158,30 +96,39 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _write_split(documents: List[str], prefix: Path, tokenizer: Tokenizer, pool_map, progress: bool) -> dict:
-    writer = IndexedWriter(prefix, token_dtype(tokenizer.vocab_size))
-    bar = tqdm(total=len(documents), unit="doc", desc=f"tokenize {prefix.name}", disable=not progress,
-               leave=False)
-    try:
-        for tokens, lengths in pool_map(_chunks(documents)):
-            writer.add_documents(tokens, lengths)
-            bar.update(lengths.size)
-            bar.set_postfix(tokens=writer.tokens, refresh=False)
-        count = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    return {"documents": count, "tokens": writer.tokens}
+def _shard_dtype(shard_format: str, vocab_size: int) -> np.dtype:
+    from scaletrain.data.megatron import megatron_dtype
+
+    return megatron_dtype(vocab_size) if shard_format == "megatron" else token_dtype(vocab_size)
+
+
+def _shard_writer(shard_format: str, vocab_size: int):
+    """-> factory(prefix, resume_at) of the split writers."""
+    dtype = _shard_dtype(shard_format, vocab_size)
+    if shard_format == "megatron":
+        from scaletrain.data.megatron import MegatronWriter
+
+        return lambda prefix, resume_at: MegatronWriter(prefix, dtype, resume_at)
+    return lambda prefix, resume_at: IndexedWriter(prefix, dtype, resume_at)
+
+
+def _open_shards(directory: Path, metadata: dict, split: str):
+    if metadata.get("shard_format") == "megatron":
+        from scaletrain.data.megatron import MegatronTokens
+
+        return MegatronTokens(directory / split)
+    return IndexedTokens(directory / split)
 
 
 def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction: float = 0.02,
-            num_workers: int = 2, progress: bool = True) -> dict:
+            num_workers: int = 2, progress: bool = True, shard_format: str = "scaletrain",
+            dedup: bool = False) -> dict:
     """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split);
-    returns the metadata. Safe to call from every rank at once."""
+    returns the metadata. Safe to call from every rank at once. Streams (data/streaming.py): bounded
+    memory, and a killed prepare resumes after its last durable input file. shard_format="megatron" writes
+    Megatron-LM .bin/.idx pairs (data/megatron.py); dedup drops exact duplicate documents."""
     directory = Path(directory)
-    key = _key(corpus, tokenizer, val_fraction)
+    key = _key(corpus, tokenizer, val_fraction, shard_format, dedup)
     if _up_to_date(directory, key):
         return _read_metadata(directory)
     with _directory_lock(directory):
@@ -189,16 +136,14 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
             return _read_metadata(directory)
         (directory / "metadata.json").unlink(missing_ok=True)  # from here on the directory is incomplete
         started = time.perf_counter()
-        train, validation = split_documents(corpus, val_fraction)
-        splits = {}
-        with _tokenize_pool(tokenizer, num_workers) as pool_map:
-            for split, documents in (("train", train), ("validation", validation)):
-                splits[split] = _write_split(documents, directory / split, tokenizer, pool_map, progress)
+        run = StreamingPrepare(corpus, tokenizer, directory, key, val_fraction,
+                               _shard_writer(shard_format, tokenizer.vocab_size), dedup).run(num_workers, progress)
+        splits = run["splits"]
         seconds = time.perf_counter() - started
         _atomic_write_text(directory / "tokenizer.json", tokenizer.json)
         metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
-                        dtype=token_dtype(tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
-                        splits=splits, seconds=round(seconds, 3), complete=True)
+                        dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
+                        splits=splits, duplicates=run["duplicates"], seconds=round(seconds, 3), complete=True)
         _atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
     tokens = sum(s["tokens"] for s in splits.values())
     log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", directory,
@@ -223,7 +168,7 @@ def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> Pre
         raise DataError(f"the shards in {directory} were made with tokenizer {metadata['tokenizer_hash'][:12]} "
                         f"but this run uses {tokenizer.hash[:12]} ({tokenizer.source}); re-run scaletrain data "
                         f"prepare with this tokenizer or set data.tokenizer={directory / 'tokenizer.json'}")
-    splits = {split: IndexedTokens(directory / split) for split in SPLITS}
+    splits = {split: _open_shards(directory, metadata, split) for split in SPLITS}
     return PreparedData(tokenizer, splits["train"], splits["validation"], directory, metadata)
 
 
@@ -252,17 +197,30 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
     return tokenizer
 
 
+def prepared_cache_dir(data_cfg, corpus: Corpus, tokenizer: Tokenizer) -> Path:
+    return (Path(os.path.expanduser(data_cfg.cache_dir)) / "datasets" /
+            f"{corpus.name}-{corpus.fingerprint[:12]}-{tokenizer.hash[:12]}")
+
+
 def build_datasets(cfg, progress: bool = True) -> PreparedData:
-    """(tokenizer, train, validation) for a TrainConfig: a prepared directory (data.prepared), or the corpus
-    prepared into cfg.data.cache_dir on first use, keyed by the content hashes of corpus and tokenizer."""
+    """(tokenizer, train, validation) for a TrainConfig: a prepared directory or Megatron prefix
+    (data.prepared), a weighted mixture (data.mixture), or the corpus prepared into cfg.data.cache_dir on
+    first use, keyed by the content hashes of corpus and tokenizer."""
     data_cfg = cfg.data
+    if data_cfg.mixture:
+        from scaletrain.data.mixture import build_mixture
+
+        return build_mixture(cfg, progress)
     if data_cfg.prepared:
+        from scaletrain.data.megatron import is_megatron_prefix, open_megatron_prepared
+
+        if is_megatron_prefix(Path(os.path.expanduser(data_cfg.prepared))):
+            return open_megatron_prepared(data_cfg)
         tokenizer = None if data_cfg.tokenizer == "train" else load_tokenizer(data_cfg.tokenizer)
         return open_prepared(Path(data_cfg.prepared), tokenizer)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
-    directory = (Path(os.path.expanduser(data_cfg.cache_dir)) / "datasets" /
-                 f"{corpus.name}-{corpus.fingerprint[:12]}-{tokenizer.hash[:12]}")
+    directory = prepared_cache_dir(data_cfg, corpus, tokenizer)
     prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress)
     return open_prepared(directory, tokenizer)
 
@@ -291,6 +249,8 @@ def _parser():
     prepare = commands.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards",
                                   description="Tokenize a corpus into memory-mapped token shards.")
     prepare.add_argument("--out", required=True, help="output directory")
+    prepare.epilog = ("--format megatron writes Megatron-LM .bin/.idx shards (<out>/train, <out>/validation) "
+                      "instead of scaletrain's; the input format is then --input-format.")
     defaults = DataConfig()
     for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
                  "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction"):
@@ -298,6 +258,9 @@ def _parser():
         prepare.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
                              help=f"data.{name} (default: {value})")
     prepare.add_argument("--split-blank-lines", action="store_true", help="one document per blank-line block")
+    prepare.add_argument("--input-format", default="auto",
+                         help="with --format megatron: the input's format (auto | text | jsonl | parquet | hf_disk)")
+    prepare.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by content hash)")
     prepare.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -307,20 +270,24 @@ def cli(argv: List[str]) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
+    shard_format = "scaletrain"
+    if args.format == "megatron":  # the output's format; the input's is --input-format
+        shard_format, args.format = "megatron", args.input_format
     options = {f.name: getattr(args, f.name) for f in fields(DataConfig) if hasattr(args, f.name)}
     data_cfg = DataConfig(**options)
     directory = Path(os.path.expanduser(args.out))
     check_output_folder(directory)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
-    key = _key(corpus, tokenizer, data_cfg.val_fraction)
+    key = _key(corpus, tokenizer, data_cfg.val_fraction, shard_format, args.dedup)
     if _up_to_date(directory, key):
         print(f"{directory} is up to date (corpus {corpus.fingerprint[:12]}, tokenizer {tokenizer.hash[:12]})")
         return 0
     metadata = prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, shard_format=shard_format, dedup=args.dedup)
     splits = metadata["splits"]
     print(f"prepared {directory}: vocab {tokenizer.vocab_size}, "
           + ", ".join(f"{s} {v['documents']} docs {v['tokens']} tokens" for s, v in splits.items())
+          + (f", {metadata['duplicates']} duplicate documents dropped" if args.dedup else "")
           + f", {metadata['seconds']}s")
     return 0

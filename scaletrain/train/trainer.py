@@ -25,6 +25,7 @@ from scaletrain import parallel
 from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.configs.schema import TrainConfig
 from scaletrain.data.loader import Loader, validation_batches
+from scaletrain.data.mixture import metric_name
 from scaletrain.data.objectives import IGNORE_INDEX, build_objective
 from scaletrain.data.prepare import build_datasets
 from scaletrain.data.tokenizer import check_vocab
@@ -106,8 +107,8 @@ class Trainer:
         self.data = build_datasets(cfg, progress=self.rank == 0)
         check_vocab(cfg.model, self.data.tokenizer, self.dims.tp)
         self.objective = build_objective(cfg.data, self.data.tokenizer, t.seq_len)
-        self.loader = Loader(self.data.train, self.objective, t.seq_len, t.global_batch, t.micro_batch,
-                             self.dims.dp_rank, self.dims.dp_size, cfg.seed)
+        self.loader = Loader(self.data.mixture or self.data.train, self.objective, t.seq_len, t.global_batch,
+                             t.micro_batch, self.dims.dp_rank, self.dims.dp_size, cfg.seed)
 
         # Model: built on meta, parallelized, then materialized (initialization is layout-independent).
         self.model_cfg = parallel.padded_model_config(cfg.model, self.dims.tp)
@@ -121,6 +122,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.optimizer = parallel.shard_optimizer_state(self.optimizer, self.model, self.dims)
         self.total_steps = self._total_steps()
+        self.loader.log_plan(self.total_steps * t.global_batch if math.isfinite(self.total_steps) else None)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = LossScaler(cfg.precision == "fp16", t.loss_scale_init, t.loss_scale_growth_interval)
         self.state = TrainState()
@@ -317,10 +319,28 @@ class Trainer:
     # ---- evaluation, sample, logging ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity over trainer.eval_batches fixed batches."""
+        """Validation loss and perplexity over trainer.eval_batches fixed batches; with data.mixture, one
+        loss per source (val_loss/<source>) and val_loss their mixture-weighted mean."""
         self.model.eval()
+        if self.data.mixture is None:
+            val_loss = self._validation_loss(self.data.validation)
+            self.last_eval = {"val_loss": val_loss}
+        else:
+            losses = {metric_name(s.name): (s.weight, self._validation_loss(s.validation))
+                      for s in self.data.mixture.sources}
+            val_loss = sum(weight * loss for weight, loss in losses.values())
+            self.last_eval = {"val_loss": val_loss, **{f"val_loss/{name}": loss for name, (_, loss) in losses.items()}}
+        self.model.train()
+        self.last_eval["val_ppl"] = math.exp(min(val_loss, 50.0))
+        self.logger.log(self.state.step, self.last_eval)
+        per_source = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in self.last_eval.items() if "/" in k)
+        self.logger.write(f"step {self.state.step}: validation loss {val_loss:.4f}, "
+                          f"perplexity {self.last_eval['val_ppl']:.2f}{per_source}")
+        return self.last_eval
+
+    def _validation_loss(self, validation) -> float:
         t, total, targets = self.cfg.trainer, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        batches = validation_batches(self.data.validation, self.objective, t.seq_len, t.micro_batch,
+        batches = validation_batches(validation, self.objective, t.seq_len, t.micro_batch,
                                      self.dims.dp_rank, self.dims.dp_size, t.eval_batches, self.cfg.seed)
         for batch in self._pipeline_groups(list(batches)) if self.pipeline is not None else batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -332,13 +352,7 @@ class Trainer:
                     loss_sum, count = self.spec.loss_fn(outputs, batch, self.model_cfg.kernels)
             total += loss_sum.float()
             targets += count
-        self.model.train()
-        val_loss = (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item()
-        self.last_eval = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        self.logger.log(self.state.step, self.last_eval)
-        self.logger.write(f"step {self.state.step}: validation loss {val_loss:.4f}, "
-                          f"perplexity {self.last_eval['val_ppl']:.2f}")
-        return self.last_eval
+        return (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item()
 
     def _pipeline_groups(self, batches: list[dict]) -> list[dict]:
         """The schedule was built for n micro-batches per call: evaluate n validation batches at a time."""

@@ -32,7 +32,7 @@ def test_dtype_follows_the_vocab():
 def test_only_partial_files_exist_before_finish(tmp_path):
     writer = IndexedWriter(tmp_path / "train", np.uint32)
     writer.add_documents(np.arange(10), np.array([10]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin.partial", "train.lengths.partial"]
     writer.abort()
     assert not list(tmp_path.iterdir())
 

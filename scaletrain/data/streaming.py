@@ -1,0 +1,294 @@
+"""The streaming core of `scaletrain data prepare`: corpora larger than memory, resumable after a kill.
+
+Documents stream from one input file at a time (corpus.units()), go to train or validation by the hash
+of their text, and travel in ~32 KB chunks to tokenizer worker processes with a bounded number in flight,
+so memory holds a few chunks per worker whatever the corpus size (plus, with --dedup, 16 bytes per
+unique document). The writers append to `.partial` files and spill document lengths to disk.
+
+Every so often, at the end of an input file, everything in flight is written, the writers are fsynced,
+and `progress.json` records how far the output is durable (files done, tokens and documents per split).
+A killed prepare restarted with the same inputs cuts the partial files back to that point and skips the
+finished files; the result is byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from scaletrain.data.corpus import Corpus, is_validation
+from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+JOURNAL = "progress.json"
+DEDUP_HASHES = "dedup.partial"
+_CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
+_IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep it busy, few enough to stay small
+_JOURNAL_BYTES, _JOURNAL_SECONDS = 64 << 20, 10.0  # a durable point after this much input or time
+
+
+# ----------------------------------------------------------------------------- tokenization workers
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer as Backend
+
+    _worker_tokenizer = Tokenizer(Backend.from_str(tokenizer_json))
+
+
+def _tokenize_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """-> (tokens of every document followed by EOD, concatenated; per-document lengths incl. EOD)."""
+    from scaletrain.data.indexed import token_dtype
+
+    tokenizer = _worker_tokenizer
+    ids = tokenizer.encode_batch(texts)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.empty(int(lengths.sum()), dtype=token_dtype(tokenizer.vocab_size))
+    ends = np.cumsum(lengths)
+    for document, end in zip(ids, ends):
+        tokens[end - len(document) - 1:end - 1] = document
+        tokens[end - 1] = tokenizer.eod_id
+    return tokens, lengths
+
+
+class OrderedPool:
+    """submit(tag, texts) -> the results that are ready, in submission order, as (tag, (tokens, lengths));
+    at most `_IN_FLIGHT_PER_WORKER` chunks per worker wait, so a fast reader cannot fill the memory."""
+
+    def __init__(self, tokenizer: Tokenizer, num_workers: int):
+        self.tokenizer, self.num_workers = tokenizer, num_workers
+        self._pending: collections.deque = collections.deque()
+        self._pool = None
+
+    def __enter__(self) -> "OrderedPool":
+        daemonic = multiprocessing.current_process().daemon  # e.g. a test rank: it may not have children
+        if daemonic and self.num_workers > 1:
+            log.info("tokenizing in this process: a daemonic process cannot start data.num_workers=%d workers",
+                     self.num_workers)
+        if self.num_workers <= 1 or daemonic:
+            _init_worker(self.tokenizer.json)
+            return self
+        # fork starts a worker in milliseconds where spawn re-imports for about a second. The children run
+        # only the Rust tokenizer and numpy, never torch, so threads the parent holds are not touched.
+        # TOKENIZERS_PARALLELISM=false makes each worker one thread (the processes are the parallelism).
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self._previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self._pool = multiprocessing.get_context(method).Pool(
+            self.num_workers, initializer=_init_worker, initargs=(self.tokenizer.json,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            if self._previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self._previous
+
+    def submit(self, tag, texts: List[str]):
+        if self._pool is None:
+            yield tag, _tokenize_chunk(texts)
+            return
+        self._pending.append((tag, self._pool.apply_async(_tokenize_chunk, (texts,))))
+        while len(self._pending) > _IN_FLIGHT_PER_WORKER * self.num_workers or (
+                self._pending and self._pending[0][1].ready()):
+            tag, result = self._pending.popleft()
+            yield tag, result.get()
+
+    def drain(self):
+        while self._pending:
+            tag, result = self._pending.popleft()
+            yield tag, result.get()
+
+
+# ----------------------------------------------------------------------------- the resumable writer loop
+
+def _atomic_write_json(path: Path, value: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+class _Progress:
+    """A bar over the input bytes on disk (ETA), with tokens/s and documents beside it."""
+
+    def __init__(self, total_bytes: int, enabled: bool, initial: int):
+        self.bar = tqdm(total=total_bytes or None, initial=initial, unit="B", unit_scale=True, desc="prepare",
+                        disable=not enabled, leave=False, smoothing=0.1)
+        self.started, self.base, self.tokens = time.perf_counter(), initial, 0
+
+    def at(self, done_bytes: int) -> None:
+        self.bar.update(max(0, done_bytes - self.bar.n))
+
+    def tokens_written(self, tokens: int, documents: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, {documents:,} docs", refresh=False)
+
+
+class StreamingPrepare:
+    """One run of prepare over `corpus` into `directory` (held under the caller's lock)."""
+
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, directory: Path, key: dict, val_fraction: float,
+                 writer_factory, dedup: bool = False):
+        self.corpus, self.tokenizer, self.directory, self.key = corpus, tokenizer, directory, key
+        self.val_fraction, self.writer_factory, self.dedup = val_fraction, writer_factory, dedup
+        self.routed = {split: 0 for split in SPLITS}  # documents sent to each split (held one included)
+        self.held: Dict[str, Optional[str]] = {split: None for split in SPLITS}
+        self.chunks: Dict[str, List[str]] = {split: [] for split in SPLITS}
+        self.chunk_chars = {split: 0 for split in SPLITS}
+        self.empty = self.duplicates = self.files_done = 0
+        self.seen: set = set()
+
+    # ---- resume --------------------------------------------------------------------------------------
+    def _load_journal(self) -> Optional[dict]:
+        try:
+            journal = json.loads((self.directory / JOURNAL).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return journal if journal.get("key") == self.key else None
+
+    def _open(self):
+        journal = self._load_journal()
+        resume = journal is not None and journal["files_done"] > 0
+        self.writers = {}
+        for split in SPLITS:
+            at = (journal["splits"][split]["tokens"], journal["splits"][split]["documents"]) if resume else None
+            self.writers[split] = self.writer_factory(self.directory / split, at)
+        self._hashes = open(self.directory / DEDUP_HASHES, "r+b" if resume else "wb")
+        if resume:
+            self.files_done, self.empty, self.duplicates = (journal[k] for k in ("files_done", "empty", "duplicates"))
+            self.routed, self.held = journal["routed"], journal["held"]
+            self._hashes.truncate(journal["dedup_bytes"])
+            self._hashes.seek(0)
+            data = self._hashes.read(journal["dedup_bytes"])
+            self.seen = {data[i:i + 16] for i in range(0, len(data), 16)}
+            log.info("resuming the prepare of %s after %d finished input files", self.directory, self.files_done)
+        return resume
+
+    def _save_journal(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+        self._hashes.flush()
+        os.fsync(self._hashes.fileno())
+        _atomic_write_json(self.directory / JOURNAL, {
+            "key": self.key, "files_done": self.files_done, "empty": self.empty, "duplicates": self.duplicates,
+            "routed": self.routed, "held": self.held, "dedup_bytes": self._hashes.tell(),
+            "splits": {s: {"tokens": w.tokens, "documents": w.documents} for s, w in self.writers.items()}})
+
+    # ---- documents -----------------------------------------------------------------------------------
+    def _route(self, document: str, pool: OrderedPool):
+        if not document.strip():
+            self.empty += 1
+            return
+        if self.dedup:
+            digest = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest in self.seen:
+                self.duplicates += 1
+                return
+            self.seen.add(digest)
+            self._hashes.write(digest)
+        split = "validation" if is_validation(document, self.val_fraction) else "train"
+        self.routed[split] += 1
+        # Each split holds its latest document back: a corpus whose documents all hash to one side moves
+        # that one across at the end (see corpus.split_documents), after the rest was already written.
+        previous, self.held[split] = self.held[split], document
+        if previous is not None:
+            yield from self._add(split, previous, pool)
+
+    def _add(self, split: str, document: str, pool: OrderedPool):
+        self.chunks[split].append(document)
+        self.chunk_chars[split] += len(document)
+        if self.chunk_chars[split] >= _CHUNK_CHARS:
+            yield from self._submit(split, pool)
+
+    def _submit(self, split: str, pool: OrderedPool):
+        if self.chunks[split]:
+            texts, self.chunks[split], self.chunk_chars[split] = self.chunks[split], [], 0
+            yield from pool.submit(split, texts)
+
+    def _write(self, results, progress: _Progress) -> None:
+        for split, (tokens, lengths) in results:
+            self.writers[split].add_documents(tokens, lengths)
+            progress.tokens_written(int(tokens.size), sum(w.documents for w in self.writers.values()))
+
+    def _settle_held(self) -> None:
+        """At the end: the held documents go to their split, or across when the other split is empty."""
+        train, validation = self.held["train"], self.held["validation"]
+        if train is None and validation is None:
+            raise DataError(f"corpus {self.corpus.name} is empty (no non-blank document); point data.corpus at "
+                            f"files with text")
+        if train is None:
+            log.info("corpus %s: every document hashed into validation; training on one of them", self.corpus.name)
+            self.held["train"] = validation
+            self.held["validation"] = validation if self.routed["validation"] == 1 else None
+        if validation is None:
+            log.info("corpus %s: no document hashed into validation; holding out the last one", self.corpus.name)
+            self.held["validation"] = train
+            self.held["train"] = train if self.routed["train"] == 1 else None
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def run(self, num_workers: int, progress: bool) -> dict:
+        units = self.corpus.units()
+        resumed = self._open()
+        sizes = [size for _, size, _ in units]
+        bar = _Progress(sum(sizes), progress, sum(sizes[:self.files_done]))
+        try:
+            with OrderedPool(self.tokenizer, num_workers) as pool:
+                since_bytes, since_time = 0, time.perf_counter()
+                for index in range(self.files_done, len(units)):
+                    name, size, read = units[index]
+                    base = sum(sizes[:index])
+                    for document in read(lambda done: bar.at(base + done)):
+                        self._write(self._route(document, pool), bar)
+                    self.files_done, since_bytes = index + 1, since_bytes + size
+                    if since_bytes >= _JOURNAL_BYTES or time.perf_counter() - since_time >= _JOURNAL_SECONDS:
+                        for split in SPLITS:
+                            self._write(self._submit(split, pool), bar)
+                        self._write(pool.drain(), bar)
+                        self._save_journal()
+                        since_bytes, since_time = 0, time.perf_counter()
+                self._settle_held()
+                for split in SPLITS:
+                    if self.held[split] is not None:
+                        self._write(self._add(split, self.held[split], pool), bar)
+                    self._write(self._submit(split, pool), bar)
+                self._write(pool.drain(), bar)
+        finally:
+            bar.bar.close()
+            self._hashes.close()
+        splits = {split: {"documents": writer.finish(), "tokens": writer.tokens}
+                  for split, writer in self.writers.items()}
+        (self.directory / DEDUP_HASHES).unlink(missing_ok=True)
+        (self.directory / JOURNAL).unlink(missing_ok=True)
+        if self.empty:
+            log.info("corpus %s: skipped %d empty documents", self.corpus.name, self.empty)
+        if self.dedup:
+            log.info("corpus %s: dropped %d exact duplicate documents", self.corpus.name, self.duplicates)
+        return {"splits": splits, "duplicates": self.duplicates, "empty": self.empty, "resumed": resumed}
+
+
+def remove_partials(directory: Path) -> None:
+    """A prepare that cannot resume starts clean (only ever .partial files and the journal)."""
+    for path in list(directory.glob("*.partial")) + [directory / JOURNAL]:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,90 @@
+"""Streaming prepare: compressed inputs, --dedup, and resuming a killed prepare without redoing finished files."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from scaletrain.data import streaming
+from scaletrain.data.corpus import load_corpus
+from scaletrain.data.prepare import open_prepared, prepare
+from scaletrain.data.tokenizer import train_tokenizer
+
+WORDS = "streams shards tokens workers resume journal bytes corpus epoch order".split()
+
+
+def documents(seed, count):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 40))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer("byte_bpe", documents(0, 200), 512)
+
+
+def write_files(root, per_file, compress):
+    """Six JSONL files, each compressed (gzip / zstd / none); returns every document in order."""
+    import zstandard
+
+    root.mkdir()
+    everything = []
+    for index in range(6):
+        texts = documents(index + 1, per_file)
+        everything += texts
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        kind = compress[index % len(compress)]
+        if kind == "gz":
+            (root / f"{index}.jsonl.gz").write_bytes(gzip.compress(data))
+        elif kind == "zst":
+            (root / f"{index}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+        else:
+            (root / f"{index}.jsonl").write_bytes(data)
+    return everything
+
+
+def test_compressed_inputs_read_as_the_plain_text(tmp_path):
+    expected = write_files(tmp_path / "in", 30, ("gz", "zst", "plain"))
+    assert list(load_corpus(str(tmp_path / "in")).documents()) == expected
+
+
+def test_dedup_drops_exact_duplicates_and_counts_them(tmp_path, tokenizer):
+    texts = documents(9, 50)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + texts[:20]))
+    corpus = load_corpus(str(tmp_path / "in"))
+    metadata = prepare(corpus, tokenizer, tmp_path / "dedup", num_workers=0, progress=False, dedup=True)
+    unique = len(set(texts))
+    assert metadata["duplicates"] == len(texts) + 20 - unique
+    assert sum(s["documents"] for s in metadata["splits"].values()) == unique
+
+
+def test_a_killed_prepare_resumes_after_its_finished_files(tmp_path, tokenizer, monkeypatch):
+    write_files(tmp_path / "in", 200, ("gz", "zst"))
+    reference = prepare(load_corpus(str(tmp_path / "in")), tokenizer, tmp_path / "whole", num_workers=2,
+                        progress=False)
+    monkeypatch.setattr(streaming, "_JOURNAL_BYTES", 0)  # a durable point after every file
+    corpus = load_corpus(str(tmp_path / "in"))
+    opened, read_file = [], corpus._read_file
+
+    def killed_at_the_fifth_file(path, report):
+        opened.append(path.name)
+        if len(opened) == 5:
+            raise KeyboardInterrupt  # as a kill would, mid-run: nothing cleans up
+        return read_file(path, report)
+
+    corpus._read_file = killed_at_the_fifth_file
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=2, progress=False)
+    assert not (tmp_path / "resumed" / "metadata.json").exists()
+    assert (tmp_path / "resumed" / streaming.JOURNAL).exists()
+    opened.clear()
+    metadata = prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=2, progress=False)
+    assert opened == ["4.jsonl.gz", "5.jsonl.zst"]  # the four finished files were not read again
+    assert metadata["splits"] == reference["splits"]
+    whole, resumed = open_prepared(tmp_path / "whole"), open_prepared(tmp_path / "resumed")
+    for split in ("train", "validation"):
+        assert np.array_equal(getattr(whole, split).tokens, getattr(resumed, split).tokens)
+        assert np.array_equal(getattr(whole, split).offsets, getattr(resumed, split).offsets)
+    assert not list((tmp_path / "resumed").glob("*.partial")) and not (tmp_path / "resumed" / streaming.JOURNAL).exists()
