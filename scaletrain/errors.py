@@ -21,5 +21,9 @@ class CheckpointError(UserError):
     pass
 
 
+class InputError(UserError):
+    """Bad command-line input to inference: a prompt longer than the context, a text without a mask token."""
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
