@@ -1,0 +1,150 @@
+"""Hugging Face folders in and out: what `scaletrain export`, `model.init_from` and `inference.load_model`
+read and write. The tensor mapping itself lives in models/hf.py; this module is about files.
+
+    <folder>/config.json  generation_config.json
+             model.safetensors  (or model-00001-of-00003.safetensors ... + model.safetensors.index.json)
+             tokenizer.json  tokenizer_config.json  special_tokens_map.json
+
+Weights are read lazily: safetensors files are memory-mapped and one tensor (or one slice of it) is read
+at a time, so a rank that holds a shard never holds the whole model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from scaletrain.configs.schema import ModelConfig
+from scaletrain.errors import CheckpointError
+from scaletrain.models import hf
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN)
+# model_type -> the class a folder without a usable `architectures` entry is read as
+MODEL_TYPE_CLASS = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "bert": "BertForMaskedLM",
+                    "roberta": "RobertaForMaskedLM", "t5": "T5ForConditionalGeneration",
+                    "bart": "BartForConditionalGeneration"}
+# the prefix a class's backbone keys carry; a folder saved from the bare backbone (BertModel) lacks it
+BASE_PREFIX = {"GPT2LMHeadModel": "transformer.", "OpenAIGPTLMHeadModel": "transformer.", "BertForMaskedLM": "bert.",
+               "BertForPreTraining": "bert.", "RobertaForMaskedLM": "roberta.", "BartForConditionalGeneration": "model."}
+
+
+# the token table of the classes that may hold an untied head
+TOKEN_TABLE = {"GPT2LMHeadModel": "transformer.wte.weight", "T5ForConditionalGeneration": "shared.weight"}
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+class HFWeights:
+    """The tensors of a Hugging Face folder by key, read on demand: `get(key)`, `get_slice(key, slices)`."""
+
+    def __init__(self, folder: Path, prefix: str = ""):
+        self.folder = folder
+        self._files: dict[str, str] = {}  # key -> file
+        self._open: dict[str, object] = {}
+        self._bin: Optional[dict] = None
+        if (folder / SAFETENSORS_INDEX).is_file():
+            self._files = dict(json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"])
+        elif (folder / SAFETENSORS).is_file():
+            self._files = {key: SAFETENSORS for key in self._handle(SAFETENSORS).keys()}
+        else:  # a legacy pickle: memory-mapped, so still read tensor by tensor
+            self._bin = torch.load(folder / PYTORCH_BIN, map_location="cpu", mmap=True, weights_only=True)
+            self._files = {key: PYTORCH_BIN for key in self._bin}
+        self.prefix = prefix if prefix and not any(k.startswith(prefix) for k in self._files) else ""
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            from safetensors import safe_open
+
+            path = self.folder / file
+            if not path.is_file():
+                raise CheckpointError(f"{self.folder}: {file} is listed in {SAFETENSORS_INDEX} but missing")
+            self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+        return self._open[file]
+
+    def keys(self) -> set[str]:
+        """Keys as the class names them (a bare backbone's keys get the class's prefix)."""
+        return {self.prefix + key for key in self._files}
+
+    def _stored(self, key: str) -> str:
+        return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
+
+    def get(self, key: str) -> torch.Tensor:
+        stored = self._stored(key)
+        if self._bin is not None:
+            return self._bin[stored]
+        return self._handle(self._files[stored]).get_tensor(stored)
+
+    def get_slice(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        """Only the rows/columns asked for are read from disk."""
+        stored = self._stored(key)
+        if self._bin is not None:
+            return self._bin[stored][slices]
+        return self._handle(self._files[stored]).get_slice(stored)[slices]
+
+
+@dataclass
+class HFSource:
+    folder: Path
+    hf_class: str
+    hf_config: object  # transformers.PretrainedConfig
+    model_cfg: ModelConfig
+    weights: HFWeights
+
+
+def _hf_class(hf_config, keys: set[str], folder: Path) -> str:
+    for name in getattr(hf_config, "architectures", None) or []:
+        if name in hf.ADAPTERS:
+            return name
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type not in MODEL_TYPE_CLASS:
+        raise hf.UnsupportedHFModel(f"{folder}: model_type {model_type!r} is not supported; supported: "
+                                    f"{', '.join(MODEL_TYPE_CLASS)}")
+    if model_type == "bert" and any(key.endswith("cls.seq_relationship.weight") for key in keys):
+        return "BertForPreTraining"
+    return MODEL_TYPE_CLASS[model_type]
+
+
+def _head_is_tied(weights: HFWeights, hf_class: str) -> bool:
+    """Tied unless the folder holds a separate output projection that differs from the token table (some
+    savers write the tied copy out too)."""
+    head = hf.untied_head_key(hf_class)
+    if head is None or head not in weights.keys():
+        return True
+    return torch.equal(weights.get(head), weights.get(TOKEN_TABLE[hf_class]))
+
+
+def read_hf_folder(folder: str | Path) -> HFSource:
+    """config.json + weights of a local Hugging Face folder -> our config and a lazy reader. Never touches
+    the network."""
+    import transformers
+
+    folder = Path(folder).expanduser()
+    if not is_hf_folder(folder):
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (needs {CONFIG} and one of "
+                              f"{', '.join(WEIGHT_FILES)})")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}/{CONFIG} could not be read ({str(error).splitlines()[0]})") from None
+    probe = HFWeights(folder)
+    hf_class = _hf_class(hf_config, probe.keys(), folder)
+    weights = HFWeights(folder, BASE_PREFIX.get(hf_class, ""))
+    model_cfg = hf.config_from_hf(hf_config, hf_class, _head_is_tied(weights, hf_class))
+    return HFSource(folder, hf_class, hf_config, model_cfg, weights)
+
+
+def full_state_from_hf(source: HFSource) -> dict[str, torch.Tensor]:
+    """Every tensor of our model from the folder (one process: inference, tests)."""
+    return hf.state_from_hf(source.model_cfg, source.hf_class, source.weights.keys(), source.weights.get)
