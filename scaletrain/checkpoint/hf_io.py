@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -148,3 +150,120 @@ def read_hf_folder(folder: str | Path) -> HFSource:
 def full_state_from_hf(source: HFSource) -> dict[str, torch.Tensor]:
     """Every tensor of our model from the folder (one process: inference, tests)."""
     return hf.state_from_hf(source.model_cfg, source.hf_class, source.weights.keys(), source.weights.get)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+# the tokenizer roles a family's Hugging Face tokenizer names (BERT has no bos/eos, GPT-2 no cls/sep/mask)
+HF_TOKEN_ROLES = {"gpt": ("bos", "eos", "unk", "pad"), "bert": ("unk", "sep", "pad", "cls", "mask"),
+                  "t5": ("eos", "unk", "pad"), "bart": ("bos", "eos", "unk", "pad", "cls", "sep", "mask"),
+                  "roberta": ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
+# the tokens the post-processor puts around the inputs
+REQUIRED_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep")}
+
+
+def _flavour(cfg: ModelConfig) -> str:
+    if cfg.family == "encdec":
+        return "t5" if cfg.position == "relative" else "bart"
+    if cfg.family == "bert" and cfg.positions_from_padding:
+        return "roberta"
+    return cfg.family
+
+
+def _post_processor(tokenizer, flavour: str):
+    """Adds what the objective trained with: [CLS] a [SEP] (b [SEP]) for BERT, <s> a </s> (</s> b </s>)
+    for RoBERTa and BART, a </s> (b </s>) for T5; GPT-2's tokenizer adds nothing."""
+    from tokenizers.processors import TemplateProcessing
+
+    missing = [role for role in REQUIRED_ROLES[flavour] if tokenizer.role_id(role) is None]
+    if missing:
+        raise CheckpointError(f"the run's tokenizer has no {missing[0]} token, which a {flavour} tokenizer adds "
+                              f"around its inputs; train with a tokenizer that has it")
+    if flavour == "gpt":
+        return None
+    if flavour == "t5":
+        eos = tokenizer.role_token("eos")
+        return TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+                                  special_tokens=[(eos, tokenizer.role_id("eos"))])
+    cls, sep = tokenizer.role_token("cls"), tokenizer.role_token("sep")
+    specials = [(cls, tokenizer.role_id("cls")), (sep, tokenizer.role_id("sep"))]
+    if flavour == "bert":
+        return TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                  special_tokens=specials)
+    return TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials)
+
+
+def hf_tokenizer(tokenizer, cfg: ModelConfig, model_max_length: int):
+    """Our tokenizer as a transformers fast tokenizer with the family's special tokens and post-processor."""
+    import transformers
+    from tokenizers import Tokenizer as Backend
+
+    flavour = _flavour(cfg)
+    backend = Backend.from_str(tokenizer.json)
+    processor = _post_processor(tokenizer, flavour)
+    if processor is not None:
+        backend.post_processor = processor
+    specials = {f"{role}_token": tokenizer.role_token(role) for role in HF_TOKEN_ROLES[flavour]
+                if tokenizer.role_id(role) is not None}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                                **specials)
+
+
+def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
+    """config.json and generation_config.json name the run's special tokens (and the decoder's start)."""
+    from transformers import GenerationConfig
+
+    flavour, config = _flavour(cfg), hf_model.config
+    for role in ("bos", "eos", "mask"):
+        if role in HF_TOKEN_ROLES[flavour] and tokenizer.role_id(role) is not None:
+            setattr(config, f"{role}_token_id", tokenizer.role_id(role))
+    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating
+        config.pad_token_id = None
+    if flavour == "t5":  # the t5_span objective starts the decoder with pad, bart_denoise with eos
+        config.decoder_start_token_id = cfg.pad_token_id
+    if flavour == "bart":
+        config.decoder_start_token_id = config.eos_token_id
+        config.forced_eos_token_id = config.eos_token_id
+    generation = GenerationConfig.from_model_config(config)
+    if generation.pad_token_id is None and config.eos_token_id is not None:
+        generation.pad_token_id = config.eos_token_id
+    hf_model.generation_config = generation
+
+
+def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, max_shard_size: str = "5GB",
+                    dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Our (single-process) model + tokenizer -> a Hugging Face folder, written next to `out` and renamed into
+    place, so a failed export never leaves a half folder under that name."""
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
+    hf_model = hf.to_hf_model(model)
+    if dtype is not None:
+        hf_model.to(dtype)
+    _set_special_token_ids(hf_model, tokenizer, model.cfg)
+    partial = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hf_model.save_pretrained(str(partial), max_shard_size=max_shard_size)
+    hf_tokenizer(tokenizer, model.cfg, model_max_length).save_pretrained(str(partial))
+    _write_special_tokens_map(partial)
+    if out.exists():
+        old = out.with_name(f".old-{out.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    return out
+
+
+def _write_special_tokens_map(folder: Path) -> None:
+    """transformers 5 keeps the special tokens in tokenizer_config.json only; older readers and tools look
+    for special_tokens_map.json too."""
+    path = folder / "special_tokens_map.json"
+    if path.exists():
+        return
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokens = {key: value for key, value in config.items() if key.endswith("_token") and value is not None}
+    path.write_text(json.dumps(tokens, indent=2) + "\n")
