@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "data": ("scaletrain.data.prepare:cli", "data prepare: tokenize a corpus into memory-mapped token shards"),
     "plan": ("scaletrain.plan.cli:cli", "pick the parallel layout for a cluster: memory, step time, MFU, days"),
     "scaling": ("scaletrain.scaling.cli:cli", "scaling fit <sweep dir> | scaling optimal --compute C: fit laws, plot, allocate"),
+    "export": ("scaletrain.checkpoint.export:cli", "export <run dir | step dir> --out DIR: write a Hugging Face folder"),
 }
 
 

@@ -46,5 +46,9 @@ class UsageError(UserError):
     """Bad command-line arguments of an argparse subcommand (scaletrain.cli.ArgumentParser)."""
 
 
+class InputError(UserError):
+    """Bad command-line input to inference: a prompt longer than the context, a text without a mask token."""
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())

@@ -5,6 +5,7 @@ On disk:
         __*_*.distcp, .metadata   DCP shards of {"model": ..., "optim": ...}; any layout can load them
         trainer_state.pt          rank 0: schedule, grad scaler, loader, progress (all global state)
         rng-rank-00003.pt         one per rank: python, numpy, torch (+cuda) RNG states
+        tokenizer.json            the tokenizer the run trained with (export, generate and init_from use it)
         scaletrain.json           step, tokens, config, layout, world size, versions, file sizes and
                                   sha256 checksums, "complete": true; written last
 
@@ -21,6 +22,7 @@ newer ones are never touched, so the newest verified checkpoint always survives.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from scaletrain.configs.schema import CheckpointConfig, missing_resume_message
+from scaletrain.configs.schema import CheckpointConfig, ModelConfig, missing_resume_message
 from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
 from scaletrain.errors import DISK_ERRNOS, CheckpointError
 
@@ -49,6 +51,7 @@ TRAINER_STATE = "trainer_state.pt"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 REPLACED_SUFFIX = ".replaced-"
+TOKENIZER = "tokenizer.json"  # the run's tokenizer, so a step folder is usable on its own
 
 
 def step_dir_name(step: int) -> str:
@@ -161,6 +164,82 @@ def refuse_fresh_start(run_dir: str | os.PathLike) -> None:
                               f"{step_dir_name(steps[-1])}); use a new folder (hydra.run.dir=...) or resume=auto")
 
 
+def latest_verified(directory: Path) -> Optional[Path]:
+    """The newest step-* folder under `directory` that verifies; older ones are tried with a warning each."""
+    for step in sorted(steps_on_disk(directory), reverse=True):
+        path = Path(directory) / step_dir_name(step)
+        problem = verify(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+def find_checkpoint(path: str | os.PathLike, what: str = "the path") -> Path:
+    """A run folder -> its latest complete verified checkpoint; a step-* folder -> itself, once verified.
+    `what` names the argument in the one-line error (e.g. "model.init_from=...")."""
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise CheckpointError(f"{what} {path} does not exist; pass a run folder or a checkpoint step-* folder")
+    if (location / "checkpoints").is_dir():
+        found = latest_verified(location / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"{what} {path}: no complete checkpoint under {location / 'checkpoints'}; "
+                                  f"pass a step-* folder, or train until a checkpoint is saved")
+        return found
+    if not (location / MANIFEST).is_file():
+        raise CheckpointError(f"{what} {path} is neither a run folder (with checkpoints/) nor a checkpoint "
+                              f"step-* folder (with {MANIFEST})")
+    problem = verify(location)
+    if problem is not None:
+        raise CheckpointError(f"{what} {path} is not a usable checkpoint: {problem}; pass a complete step-* "
+                              f"folder or its run folder")
+    return location
+
+
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The full model tensors of a checkpoint saved at any layout, read in this process without the
+    optimizer state (DCP reassembles every shard by its global shape): {fqn: tensor}."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "size")}
+    with quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return {key[len("model."):]: tensor for key, tensor in state.items()}
+
+
+def checkpoint_model_config(path: Path, tensors: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """The model config a checkpoint was trained with, its vocab the (padded) size its tensors have."""
+    saved = dict(read_manifest(path).get("config", {}).get("model", {}))
+    if not saved:
+        raise CheckpointError(f"{path}/{MANIFEST} records no model config; it was not written by the trainer")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(f"{path} was saved with model fields this scaletrain does not know "
+                              f"({', '.join(unknown)}); use the scaletrain version that saved it")
+    saved.update(init_from=None, pad_vocab_multiple=1)  # the rows are final; init_from is done
+    if "tok_embeddings.weight" in tensors:
+        saved["vocab_size"] = int(tensors["tok_embeddings.weight"].shape[0])
+    return ModelConfig(**saved)
+
+
+def checkpoint_tokenizer_path(path: Path) -> Path:
+    """The tokenizer a checkpoint trained with: its own tokenizer.json, else the one its config names."""
+    path = Path(path)
+    if (path / TOKENIZER).is_file():
+        return path / TOKENIZER
+    data = read_manifest(path).get("config", {}).get("data", {})
+    candidates = [Path(data["prepared"]).expanduser() / TOKENIZER] if data.get("prepared") else []
+    if data.get("tokenizer", "train") != "train":
+        candidates.append(Path(data["tokenizer"]).expanduser())
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"checkpoint {path} holds no {TOKENIZER} (saved by an older scaletrain) and its config "
+                          f"names none that exists; set data.tokenizer to the tokenizer the run trained with")
+
+
 class CheckpointManager:
     """Saves and restores {model, optimizer, named stateful objects, RNG}. Every rank calls every method."""
 
@@ -211,9 +290,11 @@ class CheckpointManager:
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             stateful: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
-        """Write checkpoint `step`. With async_save the DCP write, the manifest and the rename happen in
-        the background; the next save, `wait()` or `close()` waits for them."""
+             stateful: Mapping[str, Any], metadata: Mapping[str, Any],
+             files: Optional[Mapping[str, bytes]] = None) -> None:
+        """Write checkpoint `step`; `files` are small extra files rank 0 writes into it (the tokenizer), listed
+        and checksummed in the manifest like the rest. With async_save the DCP write, the manifest and the
+        rename happen in the background; the next save, `wait()` or `close()` waits for them."""
         self.wait()
         final = self.directory / step_dir_name(step)
         tmp = self.directory / f"{TMP_PREFIX}{step_dir_name(step)}"
@@ -228,6 +309,8 @@ class CheckpointManager:
             if self.rank == 0:
                 payload = {name: obj.state_dict() for name, obj in stateful.items()}
                 _write_durably(tmp / TRAINER_STATE, pickle.dumps(payload))
+                for name, content in (files or {}).items():
+                    _write_durably(tmp / name, content)
             _write_durably(tmp / rng_file(self.rank), pickle.dumps(rng_state()))
             state = model_and_optimizer_state(model, optimizer)
             if self._executor is None:

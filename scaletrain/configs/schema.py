@@ -100,6 +100,9 @@ class ModelConfig:
     documented_data: str = ""
     documented_training: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)  # family-specific switches (e.g. t5_version)
+    # start from these weights (a Hugging Face folder, a run folder or a step-* folder): a fresh optimizer,
+    # schedule and data position; the trainer loads them right after materializing the model
+    init_from: Optional[str] = None
 
     RANGES: ClassVar[Dict[str, str]] = {
         "vocab_size": "[1, inf)", "d_model": "[1, inf)", "n_layers": "[1, inf)", "n_decoder_layers": "[0, inf)",

@@ -73,6 +73,14 @@ class Tokenizer:
                             f"use a tokenizer that has it: {_KINDS_WITH[role]}")
         return token_id
 
+    def role_id(self, role: str) -> Optional[int]:
+        """The id of the token playing `role` (pad, unk, cls, sep, mask, bos, eos, eod), or None."""
+        return self._ids[role]
+
+    def role_token(self, role: str) -> Optional[str]:
+        token_id = self._ids[role]
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
     @property
     def eod_id(self) -> int:
         return self.special_id("eod", "document packing")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +90,8 @@ def attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int
     (causal) SDPA suffices, a FlexBias for backend "flex", else an additive float mask (B|1, H|1, Tq, Tk).
 
     attention_mask (B, Tk) holds 1 for tokens and 0 for padding; position_bias (1, H, Tq, Tk) is T5's."""
-    if attention_mask is None and position_bias is None:
-        return None  # the caller passes is_causal=causal to SDPA: the fast kernels apply
+    if attention_mask is None and position_bias is None and (not causal or q_len in (1, k_len)):
+        return None  # the caller passes is_causal=causal to SDPA (Attention skips it for one query)
     if backend == "flex":
         return FlexBias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
     return dense_attention_bias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
@@ -104,7 +105,8 @@ def dense_attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_le
     neg = torch.finfo(dtype).min
     bias = torch.zeros(1, 1, q_len, k_len, dtype=dtype, device=device)
     if causal:
-        # queries are the last q_len positions of the k_len keys (equal lengths without a KV cache)
+        # queries are the last q_len positions of the k_len keys (fewer queries than keys with a KV cache;
+        # SDPA's is_causal would align them with the first keys instead)
         future = torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(k_len - q_len + 1)
         bias = bias.masked_fill(future, neg)
     if attention_mask is not None:
@@ -176,6 +178,67 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                                               dropout_p=dropout_p, scale=scale)
 
 
+class AttentionCache:
+    """Keys and values (B, H, T, Dh) one attention module has computed, for incremental decoding.
+    Self-attention writes each call's new positions into a buffer of `capacity` positions allocated on the
+    first call (no re-concatenation per token); cross-attention (static) projects the encoder output once,
+    on the first call, and every later call reuses it."""
+
+    def __init__(self, capacity: int, static: bool = False):
+        self.capacity, self.static = capacity, static
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (B, H, T, Dh) keys/values -> every cached position so far, (B, H, length + T, Dh)."""
+        B, H, T, Dh = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.capacity, Dh)
+            self.v = v.new_empty(B, H, self.capacity, Dh)
+        if self.length + T > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {self.length + T}")
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row b of the batch continues from row index[b]. A static (cross-attention) cache
+        is left alone: beams only move within their own example, whose rows hold the same encoder output."""
+        if self.k is not None and not self.static:
+            self.k[:, :, :self.length] = self.k[index, :, :self.length]
+            self.v[:, :, :self.length] = self.v[index, :, :self.length]
+
+
+@dataclass
+class LayerCache:
+    self_attn: AttentionCache
+    cross_attn: AttentionCache  # static; unused by a decoder-only model
+
+
+class KVCache:
+    """The attention caches of a decoder stack, one LayerCache per layer name, and `length`: the positions
+    already seen, so the position of the next call's first token."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.layers: dict[str, LayerCache] = {}
+
+    def layer(self, name: str) -> LayerCache:
+        if name not in self.layers:
+            self.layers[name] = LayerCache(AttentionCache(self.capacity), AttentionCache(self.capacity, static=True))
+        return self.layers[name]
+
+    def advance(self, new_positions: int) -> None:
+        self.length += new_positions
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for layer in self.layers.values():
+            layer.self_attn.reorder(index)
+            layer.cross_attn.reorder(index)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections; self or cross (pass `memory`).
     The inner width H * Dh may differ from D (T5-11B: 128 heads x 128 over d_model 1024)."""
@@ -193,15 +256,26 @@ class Attention(nn.Module):
         self.dropout_stream = 0  # 0: single-device dropout; tp sets tp_rank + 1 (see attention_core)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, cache: AttentionCache | None = None) -> torch.Tensor:
+        """cache: keys/values of earlier calls (incremental decoding); `bias` then spans every cached key."""
         source = x if memory is None else memory
         B, Tq, _ = x.shape
-        Tk = source.shape[1]
         # (B, T, H*Dh) -> (B, H, T, Dh); -1 lets a tensor-parallel shard carry fewer heads
         q = self.q_proj(x).view(B, Tq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
-        y = attention_core(q, k, v, bias, is_causal and bias is None, self.dropout if self.training else 0.0,
+        if cache is not None and cache.static and cache.k is not None:
+            k, v = cache.k, cache.v  # cross-attention: the encoder output was projected on the first call
+        else:
+            Tk = source.shape[1]
+            k = self.k_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
+            v = self.v_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)
+            if cache is not None and cache.static:
+                cache.k, cache.v = k, v
+            elif cache is not None:
+                k, v = cache.append(k, v)
+        # one query (a decoding step) is the last position and sees every key: SDPA's is_causal would
+        # align it with the first key instead
+        causal = is_causal and bias is None and Tq > 1
+        y = attention_core(q, k, v, bias, causal, self.dropout if self.training else 0.0,
                            self.scale, self.dropout_stream)
         return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, D)
 
@@ -290,19 +364,22 @@ class RelativePositionBias(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.relative_buckets, cfg.n_heads))
 
     def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+        """Queries are the last q_len of the k_len positions (fewer than the keys under a KV cache)."""
         device = self.weight.device
-        relative = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+        queries = torch.arange(k_len - q_len, k_len, device=device)
+        relative = torch.arange(k_len, device=device)[None, :] - queries[:, None]
         buckets = relative_position_bucket(relative, self.bidirectional, self.n_buckets, self.max_distance)
         return F.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # (1, H, Tq, Tk)
 
 
-def position_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """(B, T) ids -> (B|1, T) positions. RoBERTa counts non-pad tokens from pad_token_id + 1 (pads get
-    pad_token_id); learned tables of BART/RoBERTa start at position_offset (2)."""
+def position_ids(input_ids: torch.Tensor, cfg: ModelConfig, start: int = 0) -> torch.Tensor:
+    """(B, T) ids -> (B|1, T) positions, the first at `start` (the positions a KV cache already holds).
+    RoBERTa counts non-pad tokens from pad_token_id + 1 (pads get pad_token_id); learned tables of
+    BART/RoBERTa start at position_offset (2)."""
     if cfg.positions_from_padding:
         not_pad = (input_ids != cfg.pad_token_id).long()
         return torch.cumsum(not_pad, dim=1) * not_pad + cfg.pad_token_id
-    return (torch.arange(input_ids.shape[1], device=input_ids.device) + cfg.position_offset)[None]
+    return (torch.arange(start, start + input_ids.shape[1], device=input_ids.device) + cfg.position_offset)[None]
 
 
 def make_positions(cfg: ModelConfig) -> nn.Module | None:
@@ -348,10 +425,13 @@ class Block(nn.Module):
                                              norm.bias, norm.eps, norm.kind, impl="triton")
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, is_causal: bool = False,
-                memory: torch.Tensor | None = None, memory_bias: torch.Tensor | None = None) -> torch.Tensor:
-        steps = [(self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal))]
+                memory: torch.Tensor | None = None, memory_bias: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        self_cache, cross_cache = (cache.self_attn, cache.cross_attn) if cache is not None else (None, None)
+        steps = [(self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal, cache=self_cache))]
         if self.cross_attn is not None:
-            steps.append((self.cross_attn_norm, lambda h: self.cross_attn(h, memory, bias=memory_bias)))
+            steps.append((self.cross_attn_norm,
+                          lambda h: self.cross_attn(h, memory, bias=memory_bias, cache=cross_cache)))
         steps.append((self.mlp_norm, self.mlp))
         if fused_impl(self.mlp.kernels_choice, x.device) == "triton":
             return self.fused_forward(x, steps)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import (RelativePositionBias, attention_bias, last_token_index, make_layers, make_norm,
-                                      make_positions, mask_backend, position_ids)
+from scaletrain.models.blocks import (KVCache, RelativePositionBias, attention_bias, last_token_index, make_layers,
+                                      make_norm, make_positions, mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -33,25 +33,32 @@ class Stack(nn.Module):
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """x: (B, T, D) scaled token embeddings, or hidden states when `input_ids` is None (a later pipeline
-        stage). memory: (B, S, D) encoder output for the decoder."""
+        stage). memory: (B, S, D) encoder output for the decoder. cache (decoder, incremental decoding): the
+        earlier positions' self-attention keys/values and the cross-attention ones of `memory`;
+        attention_mask then spans cached + T positions."""
+        past = cache.length if cache is not None else 0
         if input_ids is not None:
             if self.pos_embeddings is not None:
-                x = x + self.pos_embeddings(position_ids(input_ids, self.cfg))
+                x = x + self.pos_embeddings(position_ids(input_ids, self.cfg, start=past))
             if self.embedding_norm is not None:
                 x = self.embedding_norm(x)
             x = self.dropout(x)
         T = x.shape[1]
-        position_bias = self.relative_bias(T, T) if self.relative_bias is not None else None
-        bias = attention_bias(attention_mask, self.is_decoder, T, T, x.dtype, x.device, position_bias,
+        position_bias = self.relative_bias(T, past + T) if self.relative_bias is not None else None
+        bias = attention_bias(attention_mask, self.is_decoder, T, past + T, x.dtype, x.device, position_bias,
                               backend=mask_backend(self.cfg, x.device, self.training))
         memory_bias = None
         if self.is_decoder and memory_mask is not None:
             memory_bias = attention_bias(memory_mask, False, T, memory.shape[1], x.dtype, x.device,
                                          backend=mask_backend(self.cfg, x.device, self.training))
-        for layer in self.layers.values():
-            x = layer(x, bias=bias, is_causal=self.is_decoder, memory=memory, memory_bias=memory_bias)
+        for name, layer in self.layers.items():
+            x = layer(x, bias=bias, is_causal=self.is_decoder, memory=memory, memory_bias=memory_bias,
+                      cache=cache.layer(name) if cache is not None else None)
+        if cache is not None:
+            cache.advance(T)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.dropout(x) if self.relative_bias is not None else x  # T5 drops out after the final norm
@@ -86,19 +93,22 @@ class EncoderDecoder(nn.Module):
         return self.encoder(self.embed(input_ids), input_ids, attention_mask)  # (B, S, D)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               decoder_attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         x = self.embed(decoder_input_ids)
-        return self.decoder(x, decoder_input_ids, decoder_attention_mask, memory, attention_mask)  # (B, T, D)
+        return self.decoder(x, decoder_input_ids, decoder_attention_mask, memory, attention_mask, cache)  # (B, T, D)
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder states (B, T, D) -> logits (B, T, V)."""
+        if self.cfg.scale_decoder_output:
+            x = x * self.cfg.d_model**-0.5  # T5 v1.0 rescales before the tied lm_head
+        logits = self.lm_head(x)  # (B, T, V)
+        return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         memory = self.encode(input_ids, attention_mask)
-        x = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
-        if self.cfg.scale_decoder_output:
-            x = x * self.cfg.d_model**-0.5  # T5 v1.0 rescales before the tied lm_head
-        logits = self.lm_head(x)  # (B, T, V)
-        return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
+        return self.output_logits(self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask))
 
     def classify(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None,

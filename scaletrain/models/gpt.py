@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import (attention_bias, last_token_index, make_layers, make_norm, make_positions,
+from scaletrain.models.blocks import (KVCache, attention_bias, last_token_index, make_layers, make_norm, make_positions,
                                       mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
@@ -28,23 +28,32 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels > 0 else None
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Incremental decoding passes a `cache` holding the keys/values of the earlier positions, the new
+        tokens as input_ids (B, T), and attention_mask (B, cached + T) over every position; `positions`
+        (B, T) overrides the default cached .. cached + T - 1 (left-padded prompts count from their first token)."""
+        past = cache.length if cache is not None else 0
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(input_ids)  # (B, T, D)
             if self.pos_embeddings is not None:
-                x = x + self.pos_embeddings(position_ids(input_ids, self.cfg))
+                x = x + self.pos_embeddings(positions if positions is not None
+                                            else position_ids(input_ids, self.cfg, start=past))
             x = self.dropout(x)
         else:
             x = input_ids  # a later pipeline stage: already (B, T, D)
         T = x.shape[1]
-        bias = attention_bias(attention_mask, True, T, T, x.dtype, x.device,
+        bias = attention_bias(attention_mask, True, T, past + T, x.dtype, x.device,
                               backend=mask_backend(self.cfg, x.device, self.training))
-        for layer in self.layers.values():
-            x = layer(x, bias=bias, is_causal=True)
+        for name, layer in self.layers.items():
+            x = layer(x, bias=bias, is_causal=True, cache=cache.layer(name) if cache is not None else None)
+        if cache is not None:
+            cache.advance(T)
         return self.final_norm(x) if self.final_norm is not None else x
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.hidden_states(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.hidden_states(input_ids, attention_mask, positions, cache)
         return self.lm_head(x) if self.lm_head is not None else x  # (B, T, V)
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

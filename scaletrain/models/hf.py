@@ -446,14 +446,7 @@ def from_hf_model(hf_model) -> nn.Module:
                                  f"supported; use tie_word_embeddings=True")
     cfg = _config_from_hf(hf_model.config, tied, hf_class)
     hf_state = hf_model.state_dict()
-    links, aliases = adapter.links(cfg), adapter.aliases(cfg)
-    unknown = sorted(set(hf_state) - {link.hf for link in links} - set(aliases))
-    if unknown:
-        raise UnsupportedHFModel(f"{hf_class}: weights {', '.join(unknown[:3])} have no scaletrain equivalent; "
-                                 f"this variant of the class is not supported")
-    state = {}
-    for link in links:
-        state.update(zip(link.ours, _from_hf_tensor(link, hf_state[link.hf])))
+    state = state_from_hf(cfg, hf_class, set(hf_state), hf_state.__getitem__)
     first = next(iter(hf_state.values()))
     model = _load(cfg, state, first.device, first.dtype)
     return model.train(hf_model.training)
@@ -528,3 +521,57 @@ def untie_t5_head(hf_model) -> None:
     freshly built v1.1 model its own head, as its checkpoints have."""
     hf_model.lm_head.weight = nn.Parameter(hf_model.shared.weight.detach().clone())
     getattr(hf_model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
+
+
+# ------------------------------------------------------------------- folder-level import (checkpoint/hf_io.py)
+
+def config_from_hf(hf_config, hf_class: str, tied: bool) -> ModelConfig:
+    """A transformers config of `hf_class` -> our ModelConfig (vocab final: pad_vocab_multiple=1)."""
+    adapter = _adapter(hf_class)
+    if not tied and not adapter.untied_head:
+        raise UnsupportedHFModel(f"{hf_class} with an output projection untied from the input embeddings is not "
+                                 f"supported; use tie_word_embeddings=True")
+    return _config_from_hf(hf_config, tied, hf_class)
+
+
+def untied_head_key(hf_class: str) -> str | None:
+    """The Hugging Face key of an output projection the class may hold apart from the input table."""
+    return "lm_head.weight" if _adapter(hf_class).untied_head else None
+
+
+def state_from_hf(cfg: ModelConfig, hf_class: str, hf_keys: set[str],
+                  read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict from Hugging Face tensors, read one at a time with `read(hf_key)`; `hf_keys` are all the
+    keys the source holds: one without a scaletrain equivalent is an error (a variant we do not support)."""
+    adapter = _adapter(hf_class)
+    links, aliases = adapter.links(cfg), adapter.aliases(cfg)
+    unknown = sorted(set(hf_keys) - {link.hf for link in links} - set(aliases))
+    if unknown:
+        raise UnsupportedHFModel(f"{hf_class}: weights {', '.join(unknown[:3])} have no scaletrain equivalent; "
+                                 f"this variant of the class is not supported")
+    missing = sorted(link.hf for link in links if link.hf not in hf_keys)
+    if missing:
+        raise UnsupportedHFModel(f"{hf_class}: the weights lack {', '.join(missing[:3])}"
+                                 f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}; the folder does "
+                                 f"not hold a complete {hf_class}")
+    state = {}
+    for link in links:
+        state.update(zip(link.ours, _from_hf_tensor(link, read(link.hf))))
+    return state
+
+
+def hf_links(cfg: ModelConfig, hf_class: str) -> list[Link]:
+    """One Link per Hugging Face tensor of `hf_class` for this config (aliases of tied tensors excluded)."""
+    return _adapter(hf_class).links(cfg)
+
+
+def split_hf_tensor(link: Link, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """One Hugging Face tensor -> the one or more of ours it holds (transposed / split as the link says)."""
+    return _from_hf_tensor(link, tensor)
+
+
+def model_from_tensors(cfg: ModelConfig, state: dict, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = None) -> nn.Module:
+    """Our model built from a full state dict (tied names may be given once), strict, in eval mode."""
+    dtype = dtype or next(iter(state.values())).dtype
+    return _load(cfg, dict(state), torch.device(device), dtype).eval()

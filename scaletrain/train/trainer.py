@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from scaletrain import parallel
-from scaletrain.checkpoint.manager import CheckpointManager
+from scaletrain.checkpoint.manager import TOKENIZER, CheckpointManager
 from scaletrain.configs.schema import TrainConfig
 from scaletrain.data.loader import Loader, validation_batches
 from scaletrain.data.mixture import metric_name
@@ -167,7 +167,8 @@ class Trainer:
 
     def save(self) -> None:
         metadata = {"tokens": self.state.tokens, "config": asdict(self.cfg), "layout": self.dims.describe()}
-        self.checkpoints.save(self.state.step, self.model, self.optimizer, self.stateful(), metadata)
+        self.checkpoints.save(self.state.step, self.model, self.optimizer, self.stateful(), metadata,
+                              files={TOKENIZER: self.data.tokenizer.json.encode()})
 
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:

@@ -1,0 +1,269 @@
+"""Hugging Face folders in and out: what `scaletrain export`, `model.init_from` and `inference.load_model`
+read and write. The tensor mapping itself lives in models/hf.py; this module is about files.
+
+    <folder>/config.json  generation_config.json
+             model.safetensors  (or model-00001-of-00003.safetensors ... + model.safetensors.index.json)
+             tokenizer.json  tokenizer_config.json  special_tokens_map.json
+
+Weights are read lazily: safetensors files are memory-mapped and one tensor (or one slice of it) is read
+at a time, so a rank that holds a shard never holds the whole model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from scaletrain.configs.schema import ModelConfig
+from scaletrain.errors import CheckpointError
+from scaletrain.models import hf
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN)
+# model_type -> the class a folder without a usable `architectures` entry is read as
+MODEL_TYPE_CLASS = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "bert": "BertForMaskedLM",
+                    "roberta": "RobertaForMaskedLM", "t5": "T5ForConditionalGeneration",
+                    "bart": "BartForConditionalGeneration"}
+# the prefix a class's backbone keys carry; a folder saved from the bare backbone (BertModel) lacks it
+BASE_PREFIX = {"GPT2LMHeadModel": "transformer.", "OpenAIGPTLMHeadModel": "transformer.", "BertForMaskedLM": "bert.",
+               "BertForPreTraining": "bert.", "RobertaForMaskedLM": "roberta.", "BartForConditionalGeneration": "model."}
+
+
+# the token table of the classes that may hold an untied head
+TOKEN_TABLE = {"GPT2LMHeadModel": "transformer.wte.weight", "T5ForConditionalGeneration": "shared.weight"}
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+class HFWeights:
+    """The tensors of a Hugging Face folder by key, read on demand: `get(key)`, `get_slice(key, slices)`."""
+
+    def __init__(self, folder: Path, prefix: str = ""):
+        self.folder = folder
+        self._files: dict[str, str] = {}  # key -> file
+        self._open: dict[str, object] = {}
+        self._bin: Optional[dict] = None
+        if (folder / SAFETENSORS_INDEX).is_file():
+            self._files = dict(json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"])
+        elif (folder / SAFETENSORS).is_file():
+            self._files = {key: SAFETENSORS for key in self._handle(SAFETENSORS).keys()}
+        else:  # a legacy pickle: memory-mapped, so still read tensor by tensor
+            self._bin = torch.load(folder / PYTORCH_BIN, map_location="cpu", mmap=True, weights_only=True)
+            self._files = {key: PYTORCH_BIN for key in self._bin}
+        self.prefix = prefix if prefix and not any(k.startswith(prefix) for k in self._files) else ""
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            from safetensors import safe_open
+
+            path = self.folder / file
+            if not path.is_file():
+                raise CheckpointError(f"{self.folder}: {file} is listed in {SAFETENSORS_INDEX} but missing")
+            self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+        return self._open[file]
+
+    def keys(self) -> set[str]:
+        """Keys as the class names them (a bare backbone's keys get the class's prefix)."""
+        return {self.prefix + key for key in self._files}
+
+    def _stored(self, key: str) -> str:
+        return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
+
+    def get(self, key: str) -> torch.Tensor:
+        stored = self._stored(key)
+        if self._bin is not None:
+            return self._bin[stored]
+        return self._handle(self._files[stored]).get_tensor(stored)
+
+    def get_slice(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        """Only the rows/columns asked for are read from disk."""
+        stored = self._stored(key)
+        if self._bin is not None:
+            return self._bin[stored][slices]
+        return self._handle(self._files[stored]).get_slice(stored)[slices]
+
+
+@dataclass
+class HFSource:
+    folder: Path
+    hf_class: str
+    hf_config: object  # transformers.PretrainedConfig
+    model_cfg: ModelConfig
+    weights: HFWeights
+
+
+def _hf_class(hf_config, keys: set[str], folder: Path) -> str:
+    for name in getattr(hf_config, "architectures", None) or []:
+        if name in hf.ADAPTERS:
+            return name
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type not in MODEL_TYPE_CLASS:
+        raise hf.UnsupportedHFModel(f"{folder}: model_type {model_type!r} is not supported; supported: "
+                                    f"{', '.join(MODEL_TYPE_CLASS)}")
+    if model_type == "bert" and any(key.endswith("cls.seq_relationship.weight") for key in keys):
+        return "BertForPreTraining"
+    return MODEL_TYPE_CLASS[model_type]
+
+
+def _head_is_tied(weights: HFWeights, hf_class: str) -> bool:
+    """Tied unless the folder holds a separate output projection that differs from the token table (some
+    savers write the tied copy out too)."""
+    head = hf.untied_head_key(hf_class)
+    if head is None or head not in weights.keys():
+        return True
+    return torch.equal(weights.get(head), weights.get(TOKEN_TABLE[hf_class]))
+
+
+def read_hf_folder(folder: str | Path) -> HFSource:
+    """config.json + weights of a local Hugging Face folder -> our config and a lazy reader. Never touches
+    the network."""
+    import transformers
+
+    folder = Path(folder).expanduser()
+    if not is_hf_folder(folder):
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (needs {CONFIG} and one of "
+                              f"{', '.join(WEIGHT_FILES)})")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}/{CONFIG} could not be read ({str(error).splitlines()[0]})") from None
+    probe = HFWeights(folder)
+    hf_class = _hf_class(hf_config, probe.keys(), folder)
+    weights = HFWeights(folder, BASE_PREFIX.get(hf_class, ""))
+    model_cfg = hf.config_from_hf(hf_config, hf_class, _head_is_tied(weights, hf_class))
+    return HFSource(folder, hf_class, hf_config, model_cfg, weights)
+
+
+def full_state_from_hf(source: HFSource) -> dict[str, torch.Tensor]:
+    """Every tensor of our model from the folder (one process: inference, tests)."""
+    return hf.state_from_hf(source.model_cfg, source.hf_class, source.weights.keys(), source.weights.get)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+# the tokenizer roles a family's Hugging Face tokenizer names (BERT has no bos/eos, GPT-2 no cls/sep/mask)
+HF_TOKEN_ROLES = {"gpt": ("bos", "eos", "unk", "pad"), "bert": ("unk", "sep", "pad", "cls", "mask"),
+                  "t5": ("eos", "unk", "pad"), "bart": ("bos", "eos", "unk", "pad", "cls", "sep", "mask"),
+                  "roberta": ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
+# the tokens the post-processor puts around the inputs
+REQUIRED_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep")}
+
+
+def _flavour(cfg: ModelConfig) -> str:
+    if cfg.family == "encdec":
+        return "t5" if cfg.position == "relative" else "bart"
+    if cfg.family == "bert" and cfg.positions_from_padding:
+        return "roberta"
+    return cfg.family
+
+
+def _post_processor(tokenizer, flavour: str):
+    """Adds what the objective trained with: [CLS] a [SEP] (b [SEP]) for BERT, <s> a </s> (</s> b </s>)
+    for RoBERTa and BART, a </s> (b </s>) for T5; GPT-2's tokenizer adds nothing."""
+    from tokenizers.processors import TemplateProcessing
+
+    missing = [role for role in REQUIRED_ROLES[flavour] if tokenizer.role_id(role) is None]
+    if missing:
+        raise CheckpointError(f"the run's tokenizer has no {missing[0]} token, which a {flavour} tokenizer adds "
+                              f"around its inputs; train with a tokenizer that has it")
+    if flavour == "gpt":
+        return None
+    if flavour == "t5":
+        eos = tokenizer.role_token("eos")
+        return TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+                                  special_tokens=[(eos, tokenizer.role_id("eos"))])
+    cls, sep = tokenizer.role_token("cls"), tokenizer.role_token("sep")
+    specials = [(cls, tokenizer.role_id("cls")), (sep, tokenizer.role_id("sep"))]
+    if flavour == "bert":
+        return TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                  special_tokens=specials)
+    return TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials)
+
+
+def hf_tokenizer(tokenizer, cfg: ModelConfig, model_max_length: int):
+    """Our tokenizer as a transformers fast tokenizer with the family's special tokens and post-processor."""
+    import transformers
+    from tokenizers import Tokenizer as Backend
+
+    flavour = _flavour(cfg)
+    backend = Backend.from_str(tokenizer.json)
+    processor = _post_processor(tokenizer, flavour)
+    if processor is not None:
+        backend.post_processor = processor
+    specials = {f"{role}_token": tokenizer.role_token(role) for role in HF_TOKEN_ROLES[flavour]
+                if tokenizer.role_id(role) is not None}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                                **specials)
+
+
+def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
+    """config.json and generation_config.json name the run's special tokens (and the decoder's start)."""
+    from transformers import GenerationConfig
+
+    flavour, config = _flavour(cfg), hf_model.config
+    for role in ("bos", "eos", "mask"):
+        if role in HF_TOKEN_ROLES[flavour] and tokenizer.role_id(role) is not None:
+            setattr(config, f"{role}_token_id", tokenizer.role_id(role))
+    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating
+        config.pad_token_id = None
+    if flavour == "t5":  # the t5_span objective starts the decoder with pad, bart_denoise with eos
+        config.decoder_start_token_id = cfg.pad_token_id
+    if flavour == "bart":
+        config.decoder_start_token_id = config.eos_token_id
+        config.forced_eos_token_id = config.eos_token_id
+    generation = GenerationConfig.from_model_config(config)
+    if generation.pad_token_id is None and config.eos_token_id is not None:
+        generation.pad_token_id = config.eos_token_id
+    hf_model.generation_config = generation
+
+
+def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, max_shard_size: str = "5GB",
+                    dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Our (single-process) model + tokenizer -> a Hugging Face folder, written next to `out` and renamed into
+    place, so a failed export never leaves a half folder under that name."""
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
+    hf_model = hf.to_hf_model(model)
+    if dtype is not None:
+        hf_model.to(dtype)
+    _set_special_token_ids(hf_model, tokenizer, model.cfg)
+    partial = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hf_model.save_pretrained(str(partial), max_shard_size=max_shard_size)
+    hf_tokenizer(tokenizer, model.cfg, model_max_length).save_pretrained(str(partial))
+    _write_special_tokens_map(partial)
+    if out.exists():
+        old = out.with_name(f".old-{out.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    return out
+
+
+def _write_special_tokens_map(folder: Path) -> None:
+    """transformers 5 keeps the special tokens in tokenizer_config.json only; older readers and tools look
+    for special_tokens_map.json too."""
+    path = folder / "special_tokens_map.json"
+    if path.exists():
+        return
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokens = {key: value for key, value in config.items() if key.endswith("_token") and value is not None}
+    path.write_text(json.dumps(tokens, indent=2) + "\n")
