@@ -33,6 +33,7 @@ class MemoryReport:
     params: float  # bytes on this rank
     grads: float
     optimizer: float
+    full_elements: int = 0  # the rank's parameter elements on its tp shard before any dp sharding
 
     @property
     def total(self) -> float:
@@ -46,12 +47,22 @@ def bytes_per_element(precision: str, optimizer: str = "adamw", momentum: float 
     return (2, 2, 4 + state) if mixed else (4, 4, state)  # mixed precision keeps an fp32 master copy
 
 
-def zero_formula(psi: float, zero: int, dp: int, tp: int, sizes: tuple[int, int, int]) -> MemoryReport:
+def zero_formula(psi: float, zero: int, n_d: int, tp: int, sizes: tuple[int, int, int]) -> MemoryReport:
+    """psi: the parameters this rank's pipeline stages hold (their whole tensors, before tp); n_d: the
+    degree the ZeRO stage shards over (dp_shard for ZeRO 2/3, HSDP included; every dp rank for ZeRO-1)."""
     P, G, K = sizes
     psi = psi / tp
     sharded = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
     p_sh, g_sh, k_sh = sharded[zero]
-    return MemoryReport(P * psi / (dp if p_sh else 1), G * psi / (dp if g_sh else 1), K * psi / (dp if k_sh else 1))
+    return MemoryReport(P * psi / (n_d if p_sh else 1), G * psi / (n_d if g_sh else 1), K * psi / (n_d if k_sh else 1))
+
+
+def sharding_degree(dims: ParallelDims) -> int:
+    """N_d of the ZeRO formulas: ZeRO-1 slices optimizer state over every dp rank (ZeroOneOptimizerState on the
+    flat dp mesh); FSDP (ZeRO 2/3) shards over dp_shard only and replicates over dp_replicate (HSDP)."""
+    if dims.zero == 1:
+        return dims.dp_size
+    return dims.dp_shard if dims.zero >= 2 else 1
 
 
 def _local_numel(param: torch.Tensor) -> int:
@@ -89,44 +100,83 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDi
     zero_one = getattr(optimizer, "_zero_one", None)
     stepped = zero_one.slices.values() if zero_one else [p for g in optimizer.param_groups for p in g["params"]]
     state_elements = sum(_local_numel(p) for p in stepped)
-    return MemoryReport(P * param_elements, G * grad_elements, K * state_elements)
+    return MemoryReport(P * param_elements, G * grad_elements, K * state_elements, gathered)
 
 
-def build_rank_model(cfg: TrainConfig, dims: ParallelDims) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """(sharded meta model, its optimizer, Psi = parameters of the whole padded model)."""
+def build_rank_model(cfg: TrainConfig, dims: ParallelDims) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """This rank's sharded meta model exactly as training builds it: parallelize() returns, with pp > 1, the
+    PipelineModel of the rank's stages (each with TP, checkpointing and FSDP applied); and its optimizer."""
     from scaletrain.models.registry import build_model
     from scaletrain.parallel import padded_model_config, parallelize, shard_optimizer_state
 
-    model_cfg = padded_model_config(cfg.model, dims.tp)
-    model = build_model(model_cfg, "meta")
-    psi = sum(p.numel() for p in model.parameters())  # tied weights once
-    parallelize(model, dims, cfg)
+    model = parallelize(build_model(padded_model_config(cfg.model, dims.tp), "meta"), dims, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)  # no state until the first step
     shard_optimizer_state(optimizer, model, dims)
-    return model, optimizer, psi
+    return model, optimizer
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:10.3f} GiB"
+def rank_layout(cfg: TrainConfig, dims: ParallelDims):
+    """The planner's Layout of this run (plan/memory.py), for its formulas and estimates."""
+    from scaletrain.plan.memory import Layout
+
+    p, t = cfg.parallel, cfg.trainer
+    split = tuple(p.pp_split) if p.pp_split is not None else None
+    return Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp_size, pp_virtual=p.pp_virtual if dims.pp_enabled else 1,
+                  zero=dims.zero, micro_batch=t.micro_batch, recompute=t.activation_checkpointing,
+                  sequence_parallel=p.sequence_parallel and dims.tp_enabled, pp_schedule=p.pp_schedule,
+                  dp_replicate=dims.dp_replicate, pp_split=split)
 
 
-def format_report(cfg: TrainConfig, dims: ParallelDims, rank: int, psi: int, measured: MemoryReport,
-                  formula: MemoryReport, seconds: float) -> str:
-    coordinate = dict(zip(dims.mesh.mesh_dim_names, dims.mesh.get_coordinate())) if dims.mesh is not None else {}
-    lines = [f"dry run: {cfg.model.name}, rank {rank} of {dims.world_size} at {coordinate}",
-             f"  {dims.describe()}",
-             f"  Psi = {psi / 1e9:.3f} B parameters (vocab padded to {cfg.model.padded_vocab_size(dims.tp)}), "
-             f"precision {cfg.precision}, optimizer {cfg.optim.name}",
-             f"  {'':<12}{'measured (shards)':>20}{'ZeRO formula':>20}{'ratio':>9}"]
-    for name in ("params", "grads", "optimizer", "total"):
-        m, f = getattr(measured, name), getattr(formula, name)
-        lines.append(f"  {name:<12}{_gib(m):>20}{_gib(f):>20}{m / f if f else float('nan'):>9.4f}")
-    lines.append(f"  built in {seconds:.1f} s")
-    return "\n".join(lines)
+def _coordinate(dims: ParallelDims, name: str) -> int:
+    names = dims.mesh.mesh_dim_names if dims.mesh is not None else ()
+    return dims.mesh[name].get_local_rank() if name in names else 0
 
 
-def dry_run_report(cfg: TrainConfig) -> tuple[MemoryReport, MemoryReport, str]:
-    """Builds this rank's shard under a fake process group; returns (measured, formula, printed text)."""
+def shard_index(dims: ParallelDims) -> int:
+    """This rank's index among the sharding_degree ranks ZeRO cuts its tensors over."""
+    return dims.dp_rank if dims.zero == 1 else _coordinate(dims, "dp_shard") if dims.zero >= 2 else 0
+
+
+def held_stages(model: nn.Module, model_cfg) -> str:
+    """Which pipeline stages (and layers) this rank holds."""
+    stages = getattr(model, "stages", None)
+    if not stages:
+        return "the whole model (no pipeline)"
+    parts = []
+    for stage in stages:
+        plan = stage.plan
+        ranges = []
+        for stack, keys in plan.layer_keys(model_cfg.family).items():
+            if keys:
+                ranges.append(f"{'' if stack == 'layers' else stack + ' '}layers {keys[0]}-{keys[-1]}")
+        ends = (["embeddings"] if plan.is_first else []) + (["head + loss"] if plan.is_last else [])
+        parts.append(f"stage {plan.index} of {plan.num_stages} ({', '.join(ranges + ends)})")
+    return "; ".join(parts)
+
+
+def _size(n: float, unit: str) -> str:
+    return f"{n / {'GiB': 2**30, 'MiB': 2**20}[unit]:10.3f} {unit}"
+
+
+def _row(name: str, measured: float, reference: float, unit: str = "GiB") -> str:
+    ratio = measured / reference if reference else float("nan")
+    return f"  {name:<22}{_size(measured, unit):>18}{_size(reference, unit):>18}{ratio:>9.4f}"
+
+
+@dataclass
+class DryRunResult:
+    measured: MemoryReport
+    formula: MemoryReport
+    text: str
+    psi_rank: float = 0.0  # parameters of this rank's stages (whole tensors)
+    activations: object = None  # ActivationReport, or None when not measured
+    planner: object = None  # plan.memory.MemoryEstimate of this rank
+    fsdp_buffers: float = 0.0  # gathered layers and the unsharded gradient accumulation, from the shards
+    peak: float = 0.0
+
+
+def dry_run(cfg: TrainConfig, activations: bool = True) -> DryRunResult:
+    """Builds this rank's shard under a fake process group, measures it, and compares with the formulas."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -135,20 +185,111 @@ def dry_run_report(cfg: TrainConfig) -> tuple[MemoryReport, MemoryReport, str]:
         raise ConfigError("dry_run.world_size must be >= 1 for a dry run")
     dims = ParallelDims.from_config(cfg.parallel, world)
     _check_model_fits(cfg, dims)
+    microbatches = _microbatches(cfg, dims)
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group")
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         dims.build_mesh("cpu")
-        model, optimizer, psi = build_rank_model(cfg, dims)
+        model, optimizer = build_rank_model(cfg, dims)
+        built = time.perf_counter() - start
         sizes = bytes_per_element(cfg.precision, cfg.optim.name, cfg.optim.momentum)
         measured = measure(model, optimizer, dims, sizes)
-        formula = zero_formula(psi, dims.zero, dims.dp_size, dims.tp, sizes)
-        text = format_report(cfg, dims, rank, psi, measured, formula, time.perf_counter() - start)
+        result = _compare(cfg, dims, model, measured, sizes, microbatches, activations)
+        result.text = format_report(cfg, dims, model, result, built)
     finally:
         dist.destroy_process_group()
-    return measured, formula, text
+    return result
+
+
+def _microbatches(cfg: TrainConfig, dims: ParallelDims) -> int:
+    from scaletrain.parallel.pipeline import n_microbatches
+
+    if dims.pp_enabled:  # the schedule needs them: the same rules as training
+        return n_microbatches(cfg.trainer, dims.dp_size)
+    return max(1, cfg.trainer.global_batch // (dims.dp_size * cfg.trainer.micro_batch))
+
+
+def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: MemoryReport, sizes, microbatches: int,
+             activations: bool) -> DryRunResult:
+    from scaletrain.parallel.dryrun_activations import measure_rank_activations
+    from scaletrain.plan.memory import accumulation_bytes, rank_state_elements, stage_memory, stage_tensors
+
+    layout = rank_layout(cfg, dims)
+    pp_rank = _coordinate(dims, "pp")
+    psi_rank = sum(t.numel for t in stage_tensors(cfg.model, layout, pp_rank))  # the planner's inventory
+    formula = zero_formula(psi_rank, dims.zero, sharding_degree(dims), dims.tp, sizes)
+    result = DryRunResult(measured, formula, "", psi_rank)
+    if not activations:
+        return result
+    model_cfg = model.stages[0].cfg if getattr(model, "stages", None) else model.cfg
+    result.activations = measure_rank_activations(cfg, model_cfg, dims, model, microbatches)
+    elements = rank_state_elements(cfg.model, layout, pp_rank, dims.tp_rank, shard_index(dims))
+    # the planner for the kernels the CPU ran: float dropout masks, SDPA's math path (s x s) with dropout
+    result.planner = stage_memory(cfg.model, layout, cfg.trainer.seq_len, microbatches * dims.dp_size *
+                                  layout.micro_batch, pp_rank, cfg.precision, cfg.model.attn_dropout > 0,
+                                  elements, device="cpu")
+    result.fsdp_buffers = accumulation_bytes(layout, measured.full_elements, microbatches, cfg.precision)
+    if dims.zero >= 3:  # FSDP gathers one layer while prefetching the next, plus its unsharded gradients
+        value_bytes = 4 if cfg.precision == "fp32" else 2
+        blocks = max(sum(result.activations.layers.values()), 1)
+        result.fsdp_buffers += measured.full_elements / blocks * (2 * value_bytes + 4)
+    result.peak = measured.total + result.activations.peak + result.fsdp_buffers
+    return result
+
+
+def format_report(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, r: DryRunResult, seconds: float) -> str:
+    coordinate = dict(zip(dims.mesh.mesh_dim_names, dims.mesh.get_coordinate())) if dims.mesh is not None else {}
+    from scaletrain.plan.memory import parameter_inventory
+
+    model_cfg = model.stages[0].cfg if getattr(model, "stages", None) else model.cfg
+    psi = sum(t.numel for t in parameter_inventory(cfg.model, dims.tp))  # tied weights once
+    n_d = sharding_degree(dims)
+    lines = [f"dry run: {cfg.model.name}, rank {cfg.dry_run.rank} of {dims.world_size} at {coordinate}",
+             f"  {dims.describe()}",
+             f"  holds {held_stages(model, model_cfg)}",
+             f"  Psi = {psi / 1e9:.3f} B parameters (vocab padded to {cfg.model.padded_vocab_size(dims.tp)}); this "
+             f"rank's stages {r.psi_rank / 1e9:.3f} B, /tp={dims.tp}, N_d={n_d}; precision {cfg.precision}, "
+             f"optimizer {cfg.optim.name}",
+             f"  {'':<22}{'measured (shards)':>18}{'ZeRO formula':>18}{'ratio':>9}"]
+    unit = "GiB" if r.measured.total > 2**30 else "MiB"
+    for name in ("params", "grads", "optimizer", "total"):
+        lines.append(_row(name if name != "total" else "model states", getattr(r.measured, name),
+                          getattr(r.formula, name), unit))
+    lines.append(f"  built in {seconds:.1f} s")
+    if r.activations is not None:
+        lines += _activation_lines(cfg, dims, r, "GiB" if r.peak > 2**30 else "MiB")
+    return "\n".join(lines)
+
+
+def _activation_lines(cfg: TrainConfig, dims: ParallelDims, r: DryRunResult, unit: str) -> list[str]:
+    a, plan, t = r.activations, r.planner, cfg.trainer
+    heads = cfg.model.n_heads // dims.tp
+    width = f"b={t.micro_batch} s={t.seq_len}{'/tp' if cfg.parallel.sequence_parallel and dims.tp_enabled else ''}" \
+            f" d={cfg.model.d_model}, {heads} of {cfg.model.n_heads} heads, ffn {cfg.model.ffn_dim // dims.tp}"
+    blocks = ", ".join(f"{stack} block {m.kept / 2**20:.1f} MiB x {a.layers[stack]}" for stack, m in a.per_block.items())
+    schedule = cfg.parallel.pp_schedule if dims.pp_enabled else "no pipeline"
+    lines = [f"  activations, one micro-batch measured on CPU ({width}, recompute={t.activation_checkpointing}): "
+             f"{blocks}; ends {(a.first_end.kept + a.last_end.kept) / 2**20:.1f} MiB",
+             f"  {a.in_flight:.2f} micro-batches in flight at the peak ({schedule}, {a.microbatches} micro-batches); "
+             f"measured in {a.seconds:.1f} s",
+             f"  {'':<22}{'measured':>18}{'planner':>18}{'ratio':>9}",
+             _row("params", r.measured.params, plan.params, unit), _row("grads", r.measured.grads, plan.grads, unit),
+             _row("optimizer", r.measured.optimizer, plan.optimizer, unit),
+             _row("activations", a.kept_peak, plan.activations, unit),
+             _row("transient + FSDP", a.transient + r.fsdp_buffers, plan.buffers, unit),
+             _row("peak total", r.peak, plan.total, unit)]
+    capacity = cfg.cluster.memory_gb * 2**30
+    lines.append(f"  peak {r.peak / 2**30:.1f} GiB of {cfg.cluster.memory_gb:g} GiB on {cfg.cluster.accelerator} "
+                 f"({r.peak / capacity:.0%}){'' if r.peak <= capacity else ': DOES NOT FIT'}")
+    return lines
+
+
+def dry_run_report(cfg: TrainConfig, activations: bool = False) -> tuple[MemoryReport, MemoryReport, str]:
+    """(measured, formula, printed text) of this rank's model states (activations measured on request)."""
+    result = dry_run(cfg, activations)
+    return result.measured, result.formula, result.text
 
 
 def _check_model_fits(cfg: TrainConfig, dims: ParallelDims) -> None:
@@ -164,6 +305,5 @@ def _check_model_fits(cfg: TrainConfig, dims: ParallelDims) -> None:
 
 def run_dry_run(cfg: TrainConfig) -> int:
     """`scaletrain train ... dry_run.world_size=N dry_run.rank=R`: print the report, exit 0."""
-    _, _, text = dry_run_report(cfg)
-    print(text)
+    print(dry_run(cfg).text)
     return 0

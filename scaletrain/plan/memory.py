@@ -15,6 +15,7 @@ per-rank counts are exact (they are checked against the dry run's real DTensor s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -36,10 +37,27 @@ class Layout:
     micro_batch: int = 1
     recompute: str = "none"  # none | selective | full
     sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"  # which ranks hold which stages (loop, or V for zbv / dualpipev)
+    dp_replicate: int = 1  # HSDP: dp = dp_replicate x dp_shard; FSDP shards over dp_shard only
+    pp_split: Optional[tuple] = None  # parallel.pp_split: explicit stage boundaries
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def schedule(self) -> str:
+        """pp_schedule, or interleaved 1F1B when virtual stages ask for more than one stage per rank."""
+        single = self.pp_schedule in ("gpipe", "1f1b")
+        return "interleaved_1f1b" if single and self.pp_virtual > 1 else self.pp_schedule
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks one tensor's ZeRO shards spread over: every dp rank for ZeRO-1 (its optimizer slices),
+        dp_shard for ZeRO 2/3 (FSDP; HSDP replicates over dp_replicate), none for ZeRO-0."""
+        if self.zero == 1:
+            return self.dp
+        return self.dp // self.dp_replicate if self.zero >= 2 else 1
 
 
 @dataclass(frozen=True)
@@ -124,14 +142,14 @@ def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
         if cfg.final_norm:
             out += _norm("final_norm", d, cfg, "head")
         return out + _heads(cfg, vocab)
-    # Encoder-decoder: each stack has its own positions / embedding norm / relative bias; the decoder's sit
-    # with its first layer, whichever pipeline stage that is.
+    # Encoder-decoder: each stack has its own positions / embedding norm / relative bias, all on the first
+    # pipeline stage, which embeds both streams.
     out += _stack_embeddings("encoder.", cfg, "embed", -1)
     for i in range(cfg.n_layers):
         out += _block(f"encoder.layers.{i}", cfg, i, cross=False)
     if cfg.final_norm:
         out += _norm("encoder.final_norm", d, cfg, "layer", cfg.n_layers - 1)
-    out += _stack_embeddings("decoder.", cfg, "layer", cfg.n_layers)
+    out += _stack_embeddings("decoder.", cfg, "embed", -1)  # the first stage embeds both streams
     for j in range(cfg.decoder_layers):
         out += _block(f"decoder.layers.{j}", cfg, cfg.n_layers + j, cross=True)
     if cfg.final_norm:
@@ -181,11 +199,33 @@ def non_embedding_parameters(cfg: ModelConfig) -> int:
     return count_parameters(cfg) - embedding - tied_vocab
 
 
-def stage_of_layer(layer: int, n_layers: int, pp: int, pp_virtual: int = 1) -> int:
-    """Layers split evenly into pp * v chunks; chunk c runs on stage c % pp (interleaved placement)."""
-    chunks = pp * pp_virtual
-    chunk = layer * chunks // n_layers
-    return chunk % pp
+_SPLITS: dict = {}
+
+
+def stage_split(cfg: ModelConfig, layout: Layout) -> tuple:
+    """(the StagePlans of every stage, the stage indices each pp rank holds): the runtime's own split
+    (parallel/pipeline_split.py, balanced by parameter count on the tp-padded vocab) and placement."""
+    from scaletrain.configs.schema import ParallelConfig
+    from scaletrain.parallel.pipeline_split import local_stage_indices, stage_plans
+
+    key = (repr(cfg), layout.tp, layout.pp, layout.pp_virtual, layout.schedule, layout.pp_split)
+    if key not in _SPLITS:
+        parallel = ParallelConfig(pp=layout.pp, pp_virtual=layout.pp_virtual, pp_schedule=layout.schedule,
+                                  pp_split=list(layout.pp_split) if layout.pp_split else None)
+        padded = dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size(layout.tp), pad_vocab_multiple=1)
+        plans = stage_plans(padded, parallel) if layout.pp > 1 else []
+        _SPLITS[key] = (plans, [local_stage_indices(r, parallel) for r in range(layout.pp)] if plans else [[]])
+    return _SPLITS[key]
+
+
+def rank_layers(cfg: ModelConfig, layout: Layout, stage: int) -> tuple:
+    """(encoder-or-only-stack layers, decoder layers) pp rank `stage` holds, over all its virtual stages."""
+    if layout.pp == 1:
+        return (cfg.n_layers, cfg.decoder_layers if cfg.family == "encdec" else 0)
+    plans, owned = stage_split(cfg, layout)
+    n_encoder = cfg.n_layers if cfg.family == "encdec" else total_layers(cfg)
+    held = [i for s in owned[stage] for i in range(plans[s].start, plans[s].end)]
+    return sum(i < n_encoder for i in held), sum(i >= n_encoder for i in held)
 
 
 def _chunk(size: int, parts: int, index: int) -> int:
@@ -218,20 +258,19 @@ def _cached_inventory(cfg: ModelConfig, tp: int) -> List[ParamTensor]:
 
 
 def stage_tensors(cfg: ModelConfig, layout: Layout, stage: int) -> List[ParamTensor]:
-    """The tensors pipeline stage `stage` holds. The last stage keeps its own copy of a tied output
-    embedding when pp > 1 (it cannot share memory with the first stage)."""
-    n_layers, inventory = total_layers(cfg), _cached_inventory(cfg, layout.tp)
-    held = []
-    for tensor in inventory:
-        if tensor.part == "embed":
-            keep = stage == 0
-        elif tensor.part == "head":
-            keep = stage == layout.pp - 1
-        else:
-            keep = stage_of_layer(tensor.layer, n_layers, layout.pp, layout.pp_virtual) == stage
-        if keep:
-            held.append(tensor)
-    if cfg.tie_embeddings and layout.pp > 1 and stage == layout.pp - 1:
+    """The tensors pp rank `stage` holds (all of them without pp). The last pipeline stage keeps its own copy
+    of a tied output embedding (it cannot share memory with the first stage); a V placement puts both copies
+    on rank 0."""
+    inventory = _cached_inventory(cfg, layout.tp)
+    if layout.pp == 1:
+        return list(inventory)
+    plans, owned = stage_split(cfg, layout)
+    mine = owned[stage]
+    first, last = 0 in mine, len(plans) - 1 in mine
+    layers = {i for s in mine for i in range(plans[s].start, plans[s].end)}
+    held = [t for t in inventory
+            if (first if t.part == "embed" else last if t.part == "head" else t.layer in layers)]
+    if cfg.tie_embeddings and last:
         held.append(inventory[0])
     return held
 
@@ -246,14 +285,15 @@ def rank_state_elements(cfg: ModelConfig, layout: Layout, stage: int = 0, tp_ran
     """(parameter, gradient, optimizer-state) elements on one rank, cut the way parallel/data.py cuts them:
     ZeRO-1's optimizer state and ZeRO-2/3's (FSDP2) shards take dim 0 of each tensor (its TP-local shape) in
     ceil(rows/dp) pieces; ZeRO-2 keeps the gathered parameters through backward, so its parameter count is
-    the unsharded one. Optimizer elements count one state tensor."""
-    dp = layout.dp
+    the unsharded one. Optimizer elements count one state tensor. dp_rank: this rank's index among the
+    layout.shard_degree ranks its tensors are cut over."""
+    dp = layout.shard_degree
     params = grads = states = 0
     for tensor in stage_tensors(cfg, layout, stage):
         shape = _tp_local_shape(tensor, layout.tp, tp_rank)
         full = math.prod(shape)
         rows = _chunk(shape[0], dp, dp_rank) * (full // shape[0]) if shape[0] else 0
-        if layout.zero == 0 or dp == 1:
+        if dp == 1:
             p, g, o = full, full, full
         elif layout.zero == 1:
             p, g, o = full, full, rows
@@ -380,37 +420,80 @@ def activation_kwargs(cfg: ModelConfig, precision: str, scores_stored: bool, dev
                 value_bytes=value_bytes, selective_policy="matmul_outputs", sp_keeps_gathered_inputs=True)
 
 
+def accumulation_bytes(layout: Layout, full_elements: int, microbatches: int, precision: str) -> float:
+    """What FSDP (ZeRO 2/3) holds besides its shards while gradients accumulate over micro-batches: the
+    trainer (and torch's pipeline schedules) turn gradient sync off until the last micro-batch, so FSDP2
+    accumulates the unsharded gradients in the reduce dtype (fp32) and reduce-scatters once per step; under
+    pp the schedules also keep the parameters unsharded after each backward (reshard_after_backward=False),
+    so ZeRO-3 holds the gathered 16-bit stage too. full_elements: the rank's tp-local parameter elements."""
+    if layout.zero < 2 or layout.shard_degree == 1:
+        return 0.0
+    held = full_elements * 4.0 if microbatches > 1 else 0.0
+    if layout.zero == 3 and layout.pp > 1:
+        held += full_elements * (4 if precision == "fp32" else 2)
+    return held
+
+
+def in_flight_on_rank(layout: Layout, stage: int, microbatches: int) -> float:
+    """Micro-batches of activations pp rank `stage` holds at its peak, in units of its whole share of layers."""
+    if stage == 0:
+        return in_flight_microbatches(layout, microbatches)
+    return max(1.0, min(layout.pp - stage, microbatches))
+
+
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, precision: str,
+                           scores_stored: bool, device: str) -> tuple:
+    """(kept activations of one micro-batch on pp rank `stage`, the largest transient in its backward):
+    its layers (encoder and cross-attending decoder blocks apart), the embedding output when it holds the
+    first stage, the logits and their fp32 copy for the loss when it holds the last."""
+    kwargs = activation_kwargs(cfg, precision, scores_stored, device)
+    value_bytes = kwargs["value_bytes"]
+    b, t, sp = layout.micro_batch, layout.tp, layout.sequence_parallel
+
+    def layer(recompute: str, cross: bool) -> float:
+        return layer_activation_bytes(seq, b, cfg.d_model, cfg.n_heads, t, sp, recompute, cross_attention=cross,
+                                      **kwargs)
+
+    encoder_layers, decoder_layers = rank_layers(cfg, layout, stage)
+    kept = encoder_layers * layer(layout.recompute, False) + decoder_layers * layer(layout.recompute, True)
+    sbh = seq * b * cfg.d_model
+    # a block's backward holds the gradients of its widest activations (B, T, ffn/t) and of the residual
+    # stream (B, T, D), and first reruns the forward it did not keep
+    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model / (t if sp else 1)) * value_bytes
+    if layout.recompute != "none":
+        transient += layer("none", decoder_layers > 0) - layer(layout.recompute, decoder_layers > 0)
+    plans, owned = stage_split(cfg, layout)
+    first = layout.pp == 1 or 0 in owned[stage]
+    last = layout.pp == 1 or len(plans) - 1 in owned[stage]
+    mask = kwargs["mask_bytes"] if cfg.dropout > 0 else 0
+    if first:  # embedding output (+ dropout mask) of each stream
+        streams = 2 if cfg.family == "encdec" else 1
+        kept += streams * sbh * (value_bytes + mask)
+    if last:
+        # the head's normed input and the vocab-sharded logits the cross-entropy keeps (Korthikanti's 4sbv/t
+        # at 16 bits); in backward their gradient and the loss's fp32 copy
+        logits = seq * b * cfg.padded_vocab_size(t) / t
+        kept += sbh * value_bytes + logits * value_bytes
+        transient = max(transient, logits * (value_bytes + 4))
+    return kept, transient
+
+
 def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, stage: int,
                  precision: str = "bf16", scores_stored: bool = False,
                  elements: Optional[tuple] = None, device: str = "cuda") -> MemoryEstimate:
-    """Peak memory of rank 0 of pipeline stage `stage` (ceil-sized shards: the largest). scores_stored=False
-    models a fused (flash) attention kernel, which keeps a log-sum-exp per row instead of the s x s scores.
-    `elements` (rank_state_elements of this stage) may be passed in by callers that cache it."""
+    """Peak memory of the rank at dp/tp index 0 of pp rank `stage` (ceil-sized shards: the largest).
+    scores_stored=False models a fused (flash) attention kernel, which keeps a log-sum-exp per row instead of
+    the s x s scores. `elements` (rank_state_elements of this stage) may be passed in by callers that cache it."""
     elements = rank_state_elements(cfg, layout, stage) if elements is None else elements
-    params = stage_parameters(cfg, layout, stage) if layout.zero >= 3 else elements[0]
+    full = stage_parameters(cfg, layout, stage)
     p, g, o = model_state_bytes(elements, precision)
-    n_layers = total_layers(cfg)
-    layers_here = n_layers / layout.pp
     microbatches = global_batch // (layout.dp * layout.micro_batch)
-    kwargs = activation_kwargs(cfg, precision, scores_stored, device)
-    value_bytes = kwargs["value_bytes"]
-    per_layer = layer_activation_bytes(seq, layout.micro_batch, cfg.d_model, cfg.n_heads, layout.tp,
-                                       layout.sequence_parallel, layout.recompute, **kwargs)
-    in_flight = in_flight_microbatches(layout, microbatches) if stage == 0 else max(
-        1.0, min(layout.pp - stage, microbatches))
-    activations = per_layer * layers_here * in_flight
-    sbh = seq * layout.micro_batch * cfg.d_model
-    buffers = 0.0
-    if layout.recompute != "none":  # one layer's full activations while it is recomputed in backward
-        buffers += layer_activation_bytes(seq, layout.micro_batch, cfg.d_model, cfg.n_heads, layout.tp,
-                                          layout.sequence_parallel, "none", **kwargs)
-    if stage == 0:  # embedding output (+ dropout mask), per micro-batch in flight
-        activations += sbh * (value_bytes + 1) * in_flight / (layout.tp if layout.sequence_parallel else 1)
-    if stage == layout.pp - 1:  # logits in 16-bit plus their fp32 copy for the cross-entropy (Korthikanti 4sbv/t)
-        vocab = cfg.padded_vocab_size(layout.tp)
-        buffers += seq * layout.micro_batch * vocab / layout.tp * (value_bytes + 4)
+    kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device)
+    activations = kept * in_flight_on_rank(layout, stage, microbatches)
+    buffers = transient + accumulation_bytes(layout, full, microbatches, precision)
     if layout.zero >= 3:  # FSDP all-gathers one layer while prefetching the next, and its unsharded grads
-        layer_params = params / max(layers_here, 1)
+        value_bytes = 4 if precision == "fp32" else 2
+        layer_params = full / max(sum(rank_layers(cfg, layout, stage)), 1)
         buffers += layer_params * (2 * value_bytes + 4)
     return MemoryEstimate(p, g, o, activations, buffers)
 
@@ -422,6 +505,6 @@ def peak_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, p
     stage_elements = stage_elements or {}
     estimates = [stage_memory(cfg, layout, seq, global_batch, s, precision, scores_stored, stage_elements.get(s),
                               device)
-                 for s in sorted({0, layout.pp - 1})]
+                 for s in sorted({0, layout.pp - 1})]  # V placements hold the last stage on rank 0 too
     return max(estimates, key=lambda m: m.total)
 

@@ -105,7 +105,8 @@ def enumerate_layouts(request: PlanRequest) -> Iterator[Layout]:
                     for zero in (range(4) if dp > 1 else (0,)):
                         for recompute in RECOMPUTE_MODES:
                             for sp in ((False, True) if tp > 1 and request.seq_len % tp == 0 else (False,)):
-                                layout = Layout(tp, pp, dp, v, zero, b, recompute, sp)
+                                layout = Layout(tp, pp, dp, v, zero, b, recompute, sp,
+                                                "interleaved_1f1b" if v > 1 else "1f1b")
                                 if all(getattr(layout, k) == val for k, val in fixed.items()):
                                     yield layout
 
@@ -189,7 +190,7 @@ def layout_overrides(layout: Layout, request: PlanRequest) -> Tuple[dict, dict]:
     """The `parallel` and `trainer` sections `scaletrain train` reads."""
     parallel = {"dp_replicate": 1, "dp_shard": layout.dp, "tp": layout.tp, "pp": layout.pp,
                 "pp_virtual": layout.pp_virtual, "zero": layout.zero,
-                "pp_schedule": "interleaved_1f1b" if layout.pp_virtual > 1 else "1f1b",
+                "pp_schedule": layout.schedule,
                 "sequence_parallel": layout.sequence_parallel}
     trainer = {"global_batch": request.global_batch, "micro_batch": layout.micro_batch,
                "seq_len": request.seq_len, "activation_checkpointing": layout.recompute}

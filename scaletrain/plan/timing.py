@@ -159,9 +159,14 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, global_b
     dp_gbps = cluster.intra_node_gbps if t * dp <= gpus_per_node else cluster.inter_node_gbps
     dp_comm = ring_allreduce_s(grads, dp, dp_gbps)
     overlappable = per_microbatch_compute * 2 / 3  # the last micro-batch's backward
-    if layout.zero >= 3:  # 16-bit parameters all-gathered in forward and in backward of every micro-batch
+    if layout.zero >= 3:
+        # 16-bit parameters all-gathered for every micro-batch: in forward and again in backward (resharded
+        # after forward). Under pp torch's schedules keep them unsharded after each backward
+        # (reshard_after_backward=False), so only the backward's gather recurs per micro-batch. The gradient
+        # reduce-scatter runs once per step either way: the trainer and the schedules (REDUCE_GRAD) turn
+        # gradient sync off until the last micro-batch, so its volume is the one all-reduce-sized term above.
         gather = ring_allreduce_s(grads * value_bytes / grad_reduce_bytes, dp, dp_gbps) / 2
-        dp_comm += microbatches * 2 * gather
+        dp_comm += microbatches * (1 if pp > 1 else 2) * gather
         overlappable = per_microbatch_compute * microbatches
     exposed = dp_comm - min(dp_overlap * dp_comm, overlappable)
     return TimeEstimate(compute_s=microbatches * per_microbatch_compute,
