@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 
 from scaletrain.errors import ConfigError
 
-FAMILIES = ("gpt", "bert", "encdec")
+FAMILIES = ("gpt", "bert", "encdec", "xlnet")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -57,7 +57,7 @@ class ModelConfig:
     """Architecture only; nothing about parallelism. Sizes of the classic table live in configs/model/*.yaml."""
 
     name: str = "gpt_tiny"
-    family: str = "gpt"  # gpt | bert | encdec
+    family: str = "gpt"  # gpt | bert | encdec | xlnet
     vocab_size: int = 50257  # the tokenizer's vocab; the trainer pads it (pad_vocab_multiple x tp)
     d_model: int = 768
     n_layers: int = 12  # decoder-only / encoder-only depth; encoder depth for encdec
@@ -95,6 +95,15 @@ class ModelConfig:
     final_logits_bias: bool = False  # BART: a (1, vocab) buffer added to the logits
     positions_from_padding: bool = False  # RoBERTa: position ids count non-pad tokens from pad_token_id + 1
     init_scheme: str = "normal"  # normal (BERT, GPT-1, BART) | gpt2 (scaled residuals) | t5 | xavier (Transformer)
+    # XLNet (Transformer-XL relative attention): attn_type bi (bidirectional relative positions) | uni (causal);
+    # bi_data: half the batch reads positions backwards; clamp_len > 0 clips relative distances;
+    # mem_len: hidden states kept per layer as memory for the next segment (0: all); reuse_len: how many of a
+    # segment's first tokens are cached (0: all).
+    attn_type: str = "bi"
+    bi_data: bool = False
+    clamp_len: int = -1
+    mem_len: int = 0
+    reuse_len: int = 0
     # Table metadata (scaletrain table), not architecture.
     documented_params: Optional[float] = None
     documented_data: str = ""
@@ -133,6 +142,12 @@ class ModelConfig:
         _check(not self.nsp_head or self.pooler, "model.nsp_head needs model.pooler=true (NSP reads the pooled [CLS])")
         _check(self.family != "gpt" or not (self.pooler or self.nsp_head),
                "model.pooler/nsp_head are BERT heads; set them false for family gpt")
+        _choice("model.attn_type", self.attn_type, ("bi", "uni"))
+        _check(self.mem_len >= 0 and self.reuse_len >= 0, "model.mem_len and model.reuse_len must be >= 0")
+        if self.family == "xlnet":
+            _check(self.norm_position == "post" and self.norm == "layernorm",
+                   "family xlnet is post-LN with LayerNorm; set model.norm_position=post and model.norm=layernorm")
+            _check(not self.nsp_head, "model.nsp_head is a BERT head; set it false for family xlnet")
 
     @property
     def head_dim(self) -> int:
@@ -172,7 +187,7 @@ class DataConfig:
     tokenizer: str = "train"  # train (on the corpus) | a tokenizer.json path | a local HF tokenizer folder
     tokenizer_type: str = "byte_bpe"  # byte_bpe | wordpiece | unigram | bart_bpe
     tokenizer_vocab: int = 8192
-    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise
+    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise | plm
     mlm_probability: float = 0.15
     whole_word_mask: bool = False
     dynamic_masking: bool = True
@@ -184,6 +199,8 @@ class DataConfig:
     bart_mask_ratio: float = 0.3  # bart_denoise: share of tokens in Poisson(bart_poisson_lambda) spans
     bart_poisson_lambda: float = 3.0
     bart_permute_sentences: bool = True
+    plm_k: int = 6  # plm (XLNet): about 1/K of the tokens are prediction targets (the paper's K)
+    plm_max_span: int = 5  # plm: target spans of 1..plm_max_span words, P(n) proportional to 1/n
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
     val_fraction: float = 0.02
@@ -198,8 +215,10 @@ class DataConfig:
         check_ranges(self, "data")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
         _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
-        _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
-        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise"))
+        _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe",
+                                                                "xlnet_unigram"))
+        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise",
+                                                      "plm"))
         if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training
             minimum = minimum_tokenizer_vocab(self.tokenizer_type)
             _check(self.tokenizer_vocab >= minimum,
@@ -223,6 +242,7 @@ class DataConfig:
                             f"weight >= 0")
             _check(sum(self.mixture.values()) > 0, "data.mixture weights sum to zero; give at least one "
                                                    "source a positive weight")
+        _check(self.plm_k >= 2 and self.plm_max_span >= 1, "data.plm_k must be >= 2 and data.plm_max_span >= 1")
 
 
 @dataclass
@@ -487,6 +507,10 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
         check_pp_split(p, layers)
     _check(p.pp == 1 or m.num_labels == 0, "pipeline parallelism trains the LM objectives; classification "
            "finetuning (model.num_labels > 0) needs parallel.pp=1")
+    if m.family == "xlnet":
+        _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
+               f"trainer.micro_batch={t.micro_batch} must be even")
+        _check(not p.sequence_parallel, "parallel.sequence_parallel is not supported for family xlnet; set it false")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")

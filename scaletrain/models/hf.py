@@ -3,8 +3,8 @@ model) that transformers loads with strict=True. Adapters only: no model knows a
 transformers is imported inside functions so `import scaletrain.models` never needs it.
 
 Supported: GPT2LMHeadModel, OpenAIGPTLMHeadModel (GPT-1), BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM,
-T5ForConditionalGeneration (v1.0: relu, tied head, rescaled decoder output; v1.1: gated-gelu, untied head)
-and BartForConditionalGeneration.
+T5ForConditionalGeneration (v1.0: relu, tied head, rescaled decoder output; v1.1: gated-gelu, untied head),
+BartForConditionalGeneration, XLNetLMHeadModel and XLNetForSequenceClassification.
 
 An architecture is a list of Links, one per Hugging Face tensor, each naming the one or more of our tensors
 it holds. GPT-2 fuses q, k and v into one Conv1D (`c_attn`) whose weight is stored (in, out), the transpose
@@ -35,9 +35,14 @@ class Link:
     hf: str
     ours: tuple[str, ...]
     conv1d: bool = False  # GPT-2 Conv1D: weight stored (in, out)
+    heads: int = 0  # XLNet einsum weight (D, H, Dh) with H = heads: an input projection, or the output one
+    output_projection: bool = False
 
 
 def _from_hf_tensor(link: Link, tensor: torch.Tensor) -> list[torch.Tensor]:
+    if link.heads:  # (D, H, Dh) -> nn.Linear's (H*Dh, D) for q/k/v/r, (D, H*Dh) for o
+        flat = tensor.reshape(tensor.shape[0], -1)
+        return [flat if link.output_projection else flat.t()]
     if link.conv1d and tensor.dim() == 2:
         tensor = tensor.t()  # (in, out) -> (out, in)
     return list(tensor.chunk(len(link.ours), dim=0))  # fused (3*inner, ...) -> q, k, v
@@ -45,6 +50,9 @@ def _from_hf_tensor(link: Link, tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def _to_hf_tensor(link: Link, tensors: list[torch.Tensor]) -> torch.Tensor:
     tensor = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+    if link.heads:
+        flat = tensor if link.output_projection else tensor.t()
+        return flat.reshape(flat.shape[0], link.heads, -1).contiguous()
     return tensor.t().contiguous() if link.conv1d and tensor.dim() == 2 else tensor
 
 
@@ -349,6 +357,63 @@ def _bart_aliases(cfg: ModelConfig) -> dict:
             for name in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")}
 
 
+# ------------------------------------------------------------------------------------------ XLNet
+
+def _xlnet_config(c, tied: bool, hf_class: str) -> dict:
+    _require(c, hf_class, same_length=False)
+    classification = hf_class == "XLNetForSequenceClassification"
+    if classification:
+        _require(c, hf_class, summary_type="last", summary_use_proj=True, summary_activation="tanh",
+                 summary_proj_to_labels=False)
+    return dict(family="xlnet", vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layer, n_heads=c.n_head,
+                d_head=c.d_head, d_ff=c.d_inner, position="relative", norm="layernorm", norm_position="post",
+                norm_eps=c.layer_norm_eps, activation=_activation(c.ff_activation, hf_class), bias=True,
+                tie_embeddings=True, final_norm=False, attn_type=c.attn_type, bi_data=c.bi_data,
+                clamp_len=c.clamp_len, mem_len=c.mem_len or 0, reuse_len=c.reuse_len or 0,
+                num_labels=c.num_labels if classification else 0, init_scheme="normal",
+                init_std=c.initializer_range, pad_token_id=c.pad_token_id if c.pad_token_id is not None else 0,
+                dropout=c.dropout, attn_dropout=c.dropout)
+
+
+def _xlnet_hf_config(cfg: ModelConfig, hf_class: str):
+    import transformers
+    extra = {"num_labels": cfg.num_labels} if hf_class == "XLNetForSequenceClassification" else {}
+    return transformers.XLNetConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+        d_inner=cfg.ffn_dim, ff_activation=_hf_activation(cfg, hf_class), attn_type=cfg.attn_type,
+        bi_data=cfg.bi_data, clamp_len=cfg.clamp_len, mem_len=cfg.mem_len or None, reuse_len=cfg.reuse_len or None,
+        dropout=cfg.dropout, layer_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+        pad_token_id=cfg.pad_token_id, summary_type="last", summary_use_proj=True, summary_activation="tanh",
+        summary_proj_to_labels=False, **extra)
+
+
+def _xlnet_links(cfg: ModelConfig, hf_class: str) -> list[Link]:
+    links = (_module("transformer.word_embedding", "tok_embeddings", bias=False)
+             + [Link("transformer.mask_emb", ("mask_emb",))])
+    for i in range(cfg.n_layers):
+        hf, ours = f"transformer.layer.{i}", f"layers.{i}"
+        links += [Link(f"{hf}.rel_attn.{p}", (f"{ours}.attn.{p}_proj.weight",), heads=cfg.n_heads) for p in "qkvr"]
+        links.append(Link(f"{hf}.rel_attn.o", (f"{ours}.attn.out_proj.weight",), heads=cfg.n_heads,
+                          output_projection=True))
+        links += [Link(f"{hf}.rel_attn.{n}", (f"{ours}.attn.{n}",))
+                  for n in ("r_w_bias", "r_r_bias", "r_s_bias", "seg_embed")]
+        links += _module(f"{hf}.rel_attn.layer_norm", f"{ours}.attn_norm")
+        links += (_module(f"{hf}.ff.layer_1", f"{ours}.mlp.fc_in") + _module(f"{hf}.ff.layer_2", f"{ours}.mlp.fc_out")
+                  + _module(f"{hf}.ff.layer_norm", f"{ours}.mlp_norm"))
+    if hf_class == "XLNetForSequenceClassification":
+        return links + _module("sequence_summary.summary", "pooler.dense") + _module("logits_proj", "classifier")
+    return links + [Link("lm_loss.bias", ("lm_head.bias",))]
+
+
+def _xlnet_aliases(cfg: ModelConfig, hf_class: str) -> dict:
+    return {} if hf_class == "XLNetForSequenceClassification" else {"lm_loss.weight": "transformer.word_embedding.weight"}
+
+
+def _xlnet_defaults(cfg: ModelConfig, hf_class: str) -> dict:
+    # the classification class has no LM head: ours keeps the tied one, with a zero bias
+    return {"lm_head.bias": torch.zeros(cfg.vocab_size)} if hf_class == "XLNetForSequenceClassification" else {}
+
+
 # --------------------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -358,6 +423,7 @@ class Adapter:
     links: Callable[[ModelConfig], list[Link]]
     aliases: Callable[[ModelConfig], dict]  # HF key repeating a tied tensor -> the key that holds it
     untied_head: bool  # whether the HF class can hold an output projection separate from the input table
+    defaults: Callable[[ModelConfig], dict] = lambda cfg: {}  # our tensors the HF class lacks -> their values
 
 
 ADAPTERS = {
@@ -371,6 +437,10 @@ ADAPTERS = {
     "T5ForConditionalGeneration": Adapter(_t5_config, _t5_hf_config, _t5_links, _t5_aliases, untied_head=True),
     "BartForConditionalGeneration": Adapter(_bart_config, _bart_hf_config, _bart_links, _bart_aliases,
                                             untied_head=False),
+    **{name: Adapter(_xlnet_config, _xlnet_hf_config, functools.partial(_xlnet_links, hf_class=name),
+                     functools.partial(_xlnet_aliases, hf_class=name), untied_head=False,
+                     defaults=functools.partial(_xlnet_defaults, hf_class=name))
+       for name in ("XLNetLMHeadModel", "XLNetForSequenceClassification")},
 }
 
 
@@ -389,6 +459,8 @@ def hf_class_for(cfg: ModelConfig) -> str:
         if cfg.positions_from_padding:
             return "RobertaForMaskedLM"
         return "BertForPreTraining" if cfg.nsp_head else "BertForMaskedLM"
+    if cfg.family == "xlnet":
+        return "XLNetForSequenceClassification" if cfg.num_labels > 0 else "XLNetLMHeadModel"
     return "T5ForConditionalGeneration" if cfg.position == "relative" else "BartForConditionalGeneration"
 
 
@@ -406,6 +478,8 @@ def _architecture(cfg: ModelConfig) -> dict:
         names += ["pad_token_id"]
     if cfg.family == "bert":
         names += ["type_vocab_size", "embedding_norm", "nsp_head"]
+    if cfg.family == "xlnet":
+        names += ["attn_type", "bi_data", "clamp_len", "mem_len", "reuse_len", "num_labels"]
     if cfg.family == "encdec":
         names += ["decoder_layers", "embedding_norm", "scale_embeddings", "scale_decoder_output", "final_logits_bias"]
     return {name: getattr(cfg, name) for name in names}
@@ -433,7 +507,8 @@ def _config_from_hf(hf_config, tied: bool, hf_class: str) -> ModelConfig:
 
 
 def _head_is_tied(hf_model) -> bool:
-    return hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+    head = hf_model.get_output_embeddings()  # None for a class without an LM head (classification)
+    return head is None or head.weight is hf_model.get_input_embeddings().weight
 
 
 def from_hf_model(hf_model) -> nn.Module:
@@ -554,7 +629,7 @@ def state_from_hf(cfg: ModelConfig, hf_class: str, hf_keys: set[str],
         raise UnsupportedHFModel(f"{hf_class}: the weights lack {', '.join(missing[:3])}"
                                  f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}; the folder does "
                                  f"not hold a complete {hf_class}")
-    state = {}
+    state = dict(adapter.defaults(cfg))  # our tensors the HF class lacks (XLNet), then every linked tensor
     for link in links:
         state.update(zip(link.ours, _from_hf_tensor(link, read(link.hf))))
     return state

@@ -73,7 +73,8 @@ def _draw(name: str, module: nn.Module, shape: torch.Size, cfg: ModelConfig,
     scheme, std = cfg.init_scheme, cfg.init_std
     if isinstance(module, Norm):
         return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-    if name.endswith("bias") and not isinstance(module, RelativePositionBias):
+    # a parameter named "bias" (XLNet's per-head r_w_bias / r_r_bias / r_s_bias are drawn like weights)
+    if name.rsplit(".", 1)[-1] == "bias" and not isinstance(module, RelativePositionBias):
         return torch.zeros(shape)
     if isinstance(module, RelativePositionBias):
         std = cfg.d_model**-0.5 if scheme == "t5" else std
@@ -87,7 +88,8 @@ def _draw(name: str, module: nn.Module, shape: torch.Size, cfg: ModelConfig,
     elif scheme == "gpt2" and leaf in ("out_proj", "fc_out"):
         std = std / math.sqrt(2 * cfg.n_layers)  # GPT-2: two residual additions per layer
     value = torch.empty(shape).normal_(0.0, std, generator=generator)
-    zero_pad_row = cfg.family != "gpt" and scheme != "t5"  # BERT/RoBERTa/BART/fairseq zero the padding row
+    # BERT/RoBERTa/BART/fairseq zero the padding row; GPT and XLNet tables have no padding index
+    zero_pad_row = cfg.family not in ("gpt", "xlnet") and scheme != "t5"
     if (zero_pad_row and name == "tok_embeddings.weight") or (cfg.positions_from_padding and leaf == "pos_embeddings"):
         value[cfg.pad_token_id] = 0.0
     return value

@@ -17,6 +17,7 @@ from scaletrain.models.bert import BERT
 from scaletrain.models.blocks import IGNORE_INDEX, cross_entropy_sum
 from scaletrain.models.encdec import EncoderDecoder
 from scaletrain.models.gpt import GPT
+from scaletrain.models.xlnet import XLNet
 
 
 class UnknownModel(UserError):
@@ -59,6 +60,9 @@ FAMILY_SPECS = {
     "bert": FamilySpec(BERT, bert_loss, ("input_ids", "token_type_ids", "attention_mask", "labels")),
     "encdec": FamilySpec(EncoderDecoder, lm_loss,
                          ("input_ids", "decoder_input_ids", "attention_mask", "decoder_attention_mask")),
+    # plm batches: logits (B, num_predict, V) of the query stream against labels (B, num_predict)
+    "xlnet": FamilySpec(XLNet, lm_loss, ("input_ids", "token_type_ids", "attention_mask", "perm_mask",
+                                         "target_mapping")),
 }
 
 # modules that are not part of the backbone the papers count (the pooler is counted unless asked otherwise)

@@ -9,8 +9,9 @@ from scaletrain.models.registry import build_model, count_parameters, load_model
 
 # the lecture's order: the original Transformer, encoders, decoders by date, GPT-3, encoder-decoders
 TABLE_MODELS = (
-    "transformer_base", "transformer_big", "bert_base", "bert_large", "roberta_base", "roberta_large", "gpt1",
-    "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1_5b", "megatron_8_3b", "turing_nlg_17b",
+    "transformer_base", "transformer_big", "bert_base", "bert_large", "roberta_base", "roberta_large",
+    "xlnet_base", "xlnet_large", "gpt1", "gpt2_124m", "gpt2_355m", "gpt2_774m", "gpt2_1_5b", "megatron_8_3b",
+    "turing_nlg_17b",
     "gpt3_small", "gpt3_medium", "gpt3_large", "gpt3_xl", "gpt3_2_7b", "gpt3_6_7b", "gpt3_13b", "gpt3_175b",
     "t5_small", "t5_base", "t5_large", "t5_3b", "t5_11b", "bart_base", "bart_large",
 )

@@ -20,6 +20,8 @@ REFERENCE_COUNTS = {
     "t5_small": (60_506_624, True),
     "t5_11b": (11_307_321_344, True),
     "bart_large": (406_291_456, True),
+    "xlnet_base": (116_750_336, True),  # XLNetLMHeadModel: tied table once, plus the LM bias
+    "xlnet_large": (360_300_800, True),
 }
 
 
@@ -63,7 +65,9 @@ def test_unknown_model_lists_the_available_ones():
 @pytest.mark.parametrize("overrides, field", [
     ({"n_heads": 7}, "model.n_heads=7 does not divide model.d_model=32"),
     ({"vocab_size": 0}, "model.vocab_size=0 must be positive"),
-    ({"family": "xlnet"}, "model.family='xlnet'"),
+    ({"family": "albert"}, "model.family='albert'"),
+    ({"family": "xlnet"}, "model.nsp_head is a BERT head; set it false for family xlnet"),
+    ({"family": "xlnet", "nsp_head": False, "norm_position": "pre"}, "family xlnet is post-LN"),
     ({"activation": "swish"}, "model.activation='swish'"),
     ({"init_scheme": "kaiming"}, "model.init_scheme='kaiming'"),
     ({"pad_token_id": 300}, "model.pad_token_id=300"),
