@@ -119,7 +119,8 @@ class ModelConfig:
         "position_offset": "[0, inf)", "relative_buckets": "[1, inf)", "relative_max_distance": "[1, inf)",
         "norm_eps": "(0, 1)", "type_vocab_size": "[0, inf)", "num_labels": "[0, inf)", "dropout": "[0, 1)",
         "attn_dropout": "[0, 1)", "init_std": "(0, inf)", "pad_token_id": "[0, inf)",
-        "pad_vocab_multiple": "[1, inf)", "documented_params": "(0, inf)"}
+        "pad_vocab_multiple": "[1, inf)", "documented_params": "(0, inf)",
+        "clamp_len": "[-1, inf)", "mem_len": "[0, inf)", "reuse_len": "[0, inf)"}  # XLNet; clamp_len -1: off
 
     def __post_init__(self) -> None:
         check_ranges(self, "model")
@@ -208,6 +209,7 @@ class DataConfig:
     RANGES: ClassVar[Dict[str, str]] = {
         "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
         "mean_span_length": "[1, inf)", "span_geometric_p": "(0, 1)", "span_max_words": "[1, inf)",
+        "plm_k": "[2, inf)", "plm_max_span": "[1, inf)",
         "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "num_workers": "[0, inf)",
         "val_fraction": "(0, 0.5)"}
 
