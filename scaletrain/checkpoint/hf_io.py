@@ -56,6 +56,7 @@ class HFWeights:
         self._files: dict[str, str] = {}  # key -> file
         self._open: dict[str, object] = {}
         self._bin: Optional[dict] = None
+        self.bytes_read = 0  # tensor bytes taken from the files so far (init_from's memory test reads it)
         if (folder / SAFETENSORS_INDEX).is_file():
             self._files = dict(json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"])
         elif (folder / SAFETENSORS).is_file():
@@ -64,6 +65,7 @@ class HFWeights:
             self._bin = torch.load(folder / PYTORCH_BIN, map_location="cpu", mmap=True, weights_only=True)
             self._files = {key: PYTORCH_BIN for key in self._bin}
         self.prefix = prefix if prefix and not any(k.startswith(prefix) for k in self._files) else ""
+        self._keys = {self.prefix + key for key in self._files}
 
     def _handle(self, file: str):
         if file not in self._open:
@@ -77,23 +79,32 @@ class HFWeights:
 
     def keys(self) -> set[str]:
         """Keys as the class names them (a bare backbone's keys get the class's prefix)."""
-        return {self.prefix + key for key in self._files}
+        return self._keys
 
     def _stored(self, key: str) -> str:
         return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else key
 
     def get(self, key: str) -> torch.Tensor:
         stored = self._stored(key)
+        tensor = self._bin[stored] if self._bin is not None else self._handle(self._files[stored]).get_tensor(stored)
+        self.bytes_read += tensor.nbytes
+        return tensor
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        stored = self._stored(key)
         if self._bin is not None:
-            return self._bin[stored]
-        return self._handle(self._files[stored]).get_tensor(stored)
+            return tuple(self._bin[stored].shape)
+        return tuple(self._handle(self._files[stored]).get_slice(stored).get_shape())
 
     def get_slice(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
         """Only the rows/columns asked for are read from disk."""
         stored = self._stored(key)
         if self._bin is not None:
-            return self._bin[stored][slices]
-        return self._handle(self._files[stored]).get_slice(stored)[slices]
+            tensor = self._bin[stored][slices]
+        else:
+            tensor = self._handle(self._files[stored]).get_slice(stored)[slices]
+        self.bytes_read += tensor.nbytes
+        return tensor
 
 
 @dataclass

@@ -645,6 +645,11 @@ def split_hf_tensor(link: Link, tensor: torch.Tensor) -> list[torch.Tensor]:
     return _from_hf_tensor(link, tensor)
 
 
+def architecture_fields(cfg: ModelConfig) -> dict:
+    """The fields that change the function a config computes (dropout, init and names aside)."""
+    return _architecture(cfg)
+
+
 def model_from_tensors(cfg: ModelConfig, state: dict, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = None) -> nn.Module:
     """Our model built from a full state dict (tied names may be given once), strict, in eval mode."""

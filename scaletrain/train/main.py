@@ -69,6 +69,15 @@ def planned_world_size(cfg: TrainConfig) -> int:
     return launched_world_size(cfg)
 
 
+def resolve_init_from(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """model.init_from: the model config (without model=) and the tokenizer come from the source."""
+    if not cfg.model.init_from:
+        return cfg
+    from scaletrain.checkpoint.init_from import resolve_init_from as resolve
+
+    return resolve(cfg, overrides)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every rule that needs no data and no process group."""
     world_size = planned_world_size(cfg)
@@ -101,7 +110,7 @@ def validate_command_line(argv: Sequence[str]) -> None:
     run_dirs = planned_run_dirs(argv, multirun, len(points))
     for index, point in enumerate(points):
         try:
-            cfg = compose_config(point)
+            cfg = resolve_init_from(compose_config(point), point)
             validate(cfg)
             if run_dirs:
                 check_run_folder(run_dirs[index], cfg)
@@ -150,6 +159,7 @@ def run_job(cfg: TrainConfig, overrides: Sequence[str]) -> int:
     from scaletrain.checkpoint.manager import refuse_fresh_start
     from scaletrain.launch.env import is_worker
 
+    cfg = resolve_init_from(cfg, overrides)
     validate(cfg)
     if cfg.resume == "none" and not is_worker(os.environ):  # a launched worker's parent checked already
         refuse_fresh_start(cfg.run_dir)

@@ -116,6 +116,11 @@ class Trainer:
         self.model = build_model(self.model_cfg, device="meta")
         self.model = parallel.parallelize(self.model, self.dims, cfg)  # pp > 1: this rank's stages only
         parallel.materialize(self.model, self.device, cfg.seed)
+        self.init_report = None
+        if self.model_cfg.init_from:  # pretrained weights; a resume below still overrides them
+            from scaletrain.checkpoint.init_from import load_init_weights
+
+            self.init_report = load_init_weights(self.model, self.model_cfg)
         self.model.train()
         self.pipeline = self._build_pipeline()
 
