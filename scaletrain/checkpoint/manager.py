@@ -220,7 +220,8 @@ def checkpoint_model_config(path: Path, tensors: Mapping[str, torch.Tensor]) -> 
                               f"({', '.join(unknown)}); use the scaletrain version that saved it")
     saved.update(init_from=None, pad_vocab_multiple=1)  # the rows are final; init_from is done
     if "tok_embeddings.weight" in tensors:
-        saved["vocab_size"] = int(tensors["tok_embeddings.weight"].shape[0])
+        table = tensors["tok_embeddings.weight"]  # a tensor, or its shape
+        saved["vocab_size"] = int(table.shape[0] if hasattr(table, "shape") else table[0])
     return ModelConfig(**saved)
 
 

@@ -161,7 +161,7 @@ def test_a_scaletrain_run_is_a_source_with_a_fresh_optimizer(hf_folders, tmp_pat
 
 
 def _loaded_on_ranks(rank, world_size, tmp_path, folder, layout):
-    trainer = _trainer(tmp_path / layout[0], _overrides("bert", folder, *layout))
+    trainer = _trainer(tmp_path / "ranks", _overrides("bert", folder, *layout))
     return full_params(trainer), trainer.init_report["bytes_read"]
 
 
