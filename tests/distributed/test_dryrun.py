@@ -56,5 +56,5 @@ def test_cli_dry_run_of_gpt3_at_1024_ranks(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 5 of 1024" in done.stdout and "{'dp_shard': 0, 'tp': 5}" in done.stdout
-    total = next(line for line in done.stdout.splitlines() if line.strip().startswith("total"))
+    total = next(line for line in done.stdout.splitlines() if line.strip().startswith("model states"))
     assert float(total.split()[-1]) == pytest.approx(1.0, abs=0.02)

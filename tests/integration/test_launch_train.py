@@ -101,7 +101,7 @@ def test_usr1_preempted_slurm_job_requeues_resumes_and_matches(slurm, reference,
     log = (run_dir / "slurm" / f"{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "requeueing job" in log and "restart 1" in log
-    stopped_at = int(log.split("stopped by signal 10 at step ")[1].split(";")[0])
+    stopped_at = int(log.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
     assert 6 <= stopped_at < STEPS and f"resumed from checkpoints/step-{stopped_at:06d}" in log, log
     assert_same_run(run_dir, reference, tmp_path)
 
@@ -183,7 +183,7 @@ def test_sigterm_to_a_local_run_saves_exits_3_and_the_rerun_resumes_and_matches(
         launcher.send_signal(signal.SIGTERM)  # the elastic agent passes it to both workers
         assert launcher.wait(timeout=120) == 3  # saved, asks for a requeue
     output = (tmp_path / "launch.log").read_text()
-    stopped_at = int(output.split("stopped by signal 15 at step ")[1].split(";")[0])
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert 6 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step-{stopped_at:06d}").is_dir(), output
     rerun = scaletrain_train(args)  # the same command again: auto-resume from that checkpoint
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -170,7 +170,7 @@ def test_resume_modes(tmp_path):
     assert manager.resolve_resume("none") is None
     assert manager.resolve_resume("auto").name == "step-000002"
     assert manager.resolve_resume(str(tmp_path)).name == "step-000002"  # a run folder
-    with pytest.raises(CheckpointError, match="not a usable checkpoint"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         manager.resolve_resume(str(tmp_path / "nowhere"))
 
 
