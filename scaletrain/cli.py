@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "plan": ("scaletrain.plan.cli:cli", "pick the parallel layout for a cluster: memory, step time, MFU, days"),
     "scaling": ("scaletrain.scaling.cli:cli", "scaling fit <sweep dir> | scaling optimal --compute C: fit laws, plot, allocate"),
     "export": ("scaletrain.checkpoint.export:cli", "export <run dir | step dir> --out DIR: write a Hugging Face folder"),
+    "generate": ("scaletrain.inference.cli:generate_cli", "generate <run | step | HF dir> --prompt TEXT: continue or answer prompts"),
+    "fill-mask": ("scaletrain.inference.cli:fill_mask_cli", 'fill-mask <run | step | HF dir> "text with [MASK]": top fillers'),
 }
 
 
