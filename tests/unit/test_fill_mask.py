@@ -15,27 +15,12 @@ from scaletrain.inference.fill_mask import fill_mask
 from scaletrain.inference.load import load_model
 from scaletrain.models.hf import from_hf_model
 
+from random_weights import one_thread, randomized  # noqa: F401 (autouse fixture)
+
 TEXTS = ["the university of minnesota is located in minneapolis, minnesota.",
          "paris is the capital of france and the largest city of the country.",
          "the river flows through the city and the university stands on both banks.",
          "students of the university study languages, history and the sciences."] * 20
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomized(hf_model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in hf_model.named_parameters():
-        noise = torch.randn(tensor.shape, generator=generator)
-        tensor.copy_(1.0 + 0.2 * noise if tensor.dim() == 1 and name.endswith("weight") else 0.3 * noise)
-    return hf_model.eval()
 
 
 def save_masked_lm(folder, kind):

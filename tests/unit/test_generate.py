@@ -10,29 +10,12 @@ from scaletrain.errors import InputError
 from scaletrain.inference.generate import GenerationConfig, filter_logits, generate
 from scaletrain.models.hf import from_hf_model
 
+from random_weights import one_thread, randomized  # noqa: F401 (autouse fixture)
+
 VOCAB = 64
 PROMPTS = [[5, 9, 11, 3, 7, 20], [8, 30, 2], [12, 40, 41, 13]]  # unequal lengths: padding in every batch
 NO_EXTRAS = dict(forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0, repetition_penalty=1.0,
                  min_length=0, length_penalty=1.0, early_stopping=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds synchronisation (50x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomized(hf_model, seed=0):
-    """Norms off 1 and biases off 0, so a swapped or skipped tensor changes the tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in hf_model.named_parameters():
-        noise = torch.randn(tensor.shape, generator=generator)
-        tensor.copy_(1.0 + 0.2 * noise if tensor.dim() == 1 and name.endswith("weight") else 0.3 * noise)
-    return hf_model.eval()
 
 
 def gpt2():

@@ -13,17 +13,13 @@ from scaletrain.models.registry import build_model, count_parameters, load_model
 from scaletrain.models.table import table_row
 from scaletrain.models.xlnet import relative_shift
 
+from random_weights import randomized
+
 VOCAB, TOL = 97, 1e-4
 
 
-@torch.no_grad()
 def randomize_(model, seed=0):
-    """Every parameter drawn at random (HF init leaves norms at 1/0 and biases at 0, hiding swapped links)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in model.named_parameters():
-        noise = torch.randn(tensor.shape, generator=generator)
-        tensor.copy_(1.0 + 0.2 * noise if tensor.dim() == 1 and name.endswith("weight") else 0.15 * noise)
-    return model.eval()
+    return randomized(model, seed, scale=0.15)
 
 
 def hf_config(**overrides):
