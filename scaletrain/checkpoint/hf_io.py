@@ -64,6 +64,10 @@ class HFWeights:
         else:  # a legacy pickle: memory-mapped, so still read tensor by tensor
             self._bin = torch.load(folder / PYTORCH_BIN, map_location="cpu", mmap=True, weights_only=True)
             self._files = {key: PYTORCH_BIN for key in self._bin}
+        self.use_prefix(prefix)
+
+    def use_prefix(self, prefix: str) -> None:
+        """Name a bare backbone's keys as the class does (BertModel's `embeddings...` -> `bert.embeddings...`)."""
         self.prefix = prefix if prefix and not any(k.startswith(prefix) for k in self._files) else ""
         self._keys = {self.prefix + key for key in self._files}
 
@@ -151,9 +155,9 @@ def read_hf_folder(folder: str | Path) -> HFSource:
         hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{folder}/{CONFIG} could not be read ({str(error).splitlines()[0]})") from None
-    probe = HFWeights(folder)
-    hf_class = _hf_class(hf_config, probe.keys(), folder)
-    weights = HFWeights(folder, BASE_PREFIX.get(hf_class, ""))
+    weights = HFWeights(folder)
+    hf_class = _hf_class(hf_config, weights.keys(), folder)
+    weights.use_prefix(BASE_PREFIX.get(hf_class, ""))
     model_cfg = hf.config_from_hf(hf_config, hf_class, _head_is_tied(weights, hf_class))
     return HFSource(folder, hf_class, hf_config, model_cfg, weights)
 
@@ -242,11 +246,11 @@ def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
 
 
 def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, max_shard_size: str = "5GB",
-                    dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+                    dtype: Optional[torch.dtype] = None) -> Path:
     """Our (single-process) model + tokenizer -> a Hugging Face folder, written next to `out` and renamed into
     place, so a failed export never leaves a half folder under that name."""
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
     hf_model = hf.to_hf_model(model)
     if dtype is not None:
@@ -259,13 +263,8 @@ def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, ma
     hf_tokenizer(tokenizer, model.cfg, model_max_length).save_pretrained(str(partial))
     _write_special_tokens_map(partial)
     if out.exists():
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+        out.rmdir()  # empty (checked above): rename cannot replace a directory on every platform
+    os.replace(partial, out)
     return out
 
 

@@ -57,28 +57,22 @@ def open_source(path: str) -> Source:
 def _hf_source(folder: Path) -> Source:
     source = hf_io.read_hf_folder(folder)
     cfg, weights = source.model_cfg, source.weights
-    links = {name: (link, index) for link in hf.hf_links(cfg, source.hf_class) for index, name in enumerate(link.ours)}
-    missing = sorted(link.hf for link, _ in links.values() if link.hf not in weights.keys())
-    if missing:
-        raise CheckpointError(f"model.init_from={folder}: the weights lack {', '.join(missing[:3])}; the folder does "
-                              f"not hold a complete {source.hf_class}")
-    unknown = sorted(weights.keys() - {link.hf for link, _ in links.values()}
-                     - set(hf.ADAPTERS[source.hf_class].aliases(cfg)))
-    if unknown:
-        raise CheckpointError(f"model.init_from={folder}: weights {', '.join(unknown[:3])} have no scaletrain "
-                              f"equivalent; this variant of {source.hf_class} is not supported")
+    try:
+        checked = hf.check_hf_keys(cfg, source.hf_class, weights.keys())
+    except hf.UnsupportedHFModel as error:
+        raise CheckpointError(f"model.init_from={folder}: {error}") from None
+    links = {name: (link, index) for link in checked for index, name in enumerate(link.ours)}
 
     def our_shape(name: str) -> tuple[int, ...]:
-        link, _ = links[name]
-        shape = list(weights.shape(link.hf))
-        if link.conv1d and len(shape) == 2:
-            shape.reverse()
-        shape[0] //= len(link.ours)
-        return tuple(shape)
+        link, index = links[name]  # the adapter's own split, on a meta tensor of the stored shape
+        return tuple(hf.split_hf_tensor(link, torch.empty(weights.shape(link.hf), device="meta"))[index].shape)
 
     def read(name: str, region: tuple[slice, ...]) -> torch.Tensor:
-        """Only the region is read: our (out, in) region of a fused Conv1D maps to its (in, index*out+...)."""
+        """Only the region is read: our (out, in) region of a fused Conv1D maps to its (in, index*out+...).
+        Per-head (D, H, Dh) tensors (XLNet) are read whole and reshaped by the adapter."""
         link, index = links[name]
+        if link.heads:
+            return hf.split_hf_tensor(link, weights.get(link.hf))[index][region]
         rows = our_shape(name)[0]
         first = slice(index * rows + region[0].start, index * rows + region[0].stop)
         hf_region = (first, *region[1:])

@@ -426,14 +426,10 @@ class CheckpointManager:
         directory = directory or self.directory
         found = None
         if self.rank == 0:
-            for step in sorted(steps_on_disk(directory), reverse=True):
-                path = directory / step_dir_name(step)
-                problem = verify(path)
-                if problem is None:
-                    found = str(path)
-                    self._known_good.add(read_manifest(path).get("checkpoint_id"))
-                    break
-                warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+            path = latest_verified(directory)
+            if path is not None:
+                found = str(path)
+                self._known_good.add(read_manifest(path).get("checkpoint_id"))
         found = self._broadcast_from_rank0(found)
         return Path(found) if found else None
 

@@ -6,11 +6,11 @@ as `scaletrain export` writes them into the tokenizer: [CLS] .. [SEP] (BERT), <s
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Callable
 
+from scaletrain.cli import ArgumentParser
 from scaletrain.errors import InputError
 
 MASK_SPELLINGS = ("[MASK]", "<mask>")  # either is accepted whatever the tokenizer's own mask token is
@@ -92,8 +92,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def generate_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scaletrain generate", description="Generate text from a checkpoint "
-                                     "or a Hugging Face folder (greedy unless --temperature/--top-k/--top-p).")
+    parser = ArgumentParser(prog="scaletrain generate", description="Generate text from a checkpoint or a Hugging "
+                            "Face folder (greedy unless --temperature/--top-k/--top-p).")
     parser.add_argument("path", help="a run folder, a checkpoint step-* folder or a Hugging Face folder")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     parser.add_argument("--prompts", help="a text file with one prompt per line")
@@ -154,8 +154,8 @@ def format_fillers(text: str, fillers: list[list[tuple[str, float]]]) -> str:
 
 
 def fill_mask_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scaletrain fill-mask",
-                                     description="Fill the [MASK] tokens of a text with a masked language model.")
+    parser = ArgumentParser(prog="scaletrain fill-mask",
+                            description="Fill the [MASK] tokens of a text with a masked language model.")
     parser.add_argument("path", help="a run folder, a checkpoint step-* folder or a Hugging Face folder")
     parser.add_argument("text", help='text with one or more [MASK] (or the tokenizer\'s own mask token, e.g. <mask>)')
     parser.add_argument("--top-k", type=int, default=5, help="fillers to list per mask (default 5)")

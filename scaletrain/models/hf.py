@@ -514,12 +514,7 @@ def _head_is_tied(hf_model) -> bool:
 def from_hf_model(hf_model) -> nn.Module:
     """A transformers model -> our model with the same config, weights, dtype, device and train/eval mode."""
     hf_class = type(hf_model).__name__
-    adapter = _adapter(hf_class)
-    tied = _head_is_tied(hf_model)
-    if not tied and not adapter.untied_head:
-        raise UnsupportedHFModel(f"{hf_class} with an output projection untied from the input embeddings is not "
-                                 f"supported; use tie_word_embeddings=True")
-    cfg = _config_from_hf(hf_model.config, tied, hf_class)
+    cfg = config_from_hf(hf_model.config, hf_class, _head_is_tied(hf_model))
     hf_state = hf_model.state_dict()
     state = state_from_hf(cfg, hf_class, set(hf_state), hf_state.__getitem__)
     first = next(iter(hf_state.values()))
@@ -619,6 +614,17 @@ def state_from_hf(cfg: ModelConfig, hf_class: str, hf_keys: set[str],
     """Our state dict from Hugging Face tensors, read one at a time with `read(hf_key)`; `hf_keys` are all the
     keys the source holds: one without a scaletrain equivalent is an error (a variant we do not support)."""
     adapter = _adapter(hf_class)
+    links = check_hf_keys(cfg, hf_class, hf_keys)
+    state = dict(adapter.defaults(cfg))  # our tensors the HF class lacks (XLNet), then every linked tensor
+    for link in links:
+        state.update(zip(link.ours, _from_hf_tensor(link, read(link.hf))))
+    return state
+
+
+def check_hf_keys(cfg: ModelConfig, hf_class: str, hf_keys: set[str]) -> list[Link]:
+    """The class's links for this config, once the source's keys are checked: a key without a scaletrain
+    equivalent (a variant we do not support) or a missing one is an UnsupportedHFModel."""
+    adapter = _adapter(hf_class)
     links, aliases = adapter.links(cfg), adapter.aliases(cfg)
     unknown = sorted(set(hf_keys) - {link.hf for link in links} - set(aliases))
     if unknown:
@@ -629,15 +635,7 @@ def state_from_hf(cfg: ModelConfig, hf_class: str, hf_keys: set[str],
         raise UnsupportedHFModel(f"{hf_class}: the weights lack {', '.join(missing[:3])}"
                                  f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}; the folder does "
                                  f"not hold a complete {hf_class}")
-    state = dict(adapter.defaults(cfg))  # our tensors the HF class lacks (XLNet), then every linked tensor
-    for link in links:
-        state.update(zip(link.ours, _from_hf_tensor(link, read(link.hf))))
-    return state
-
-
-def hf_links(cfg: ModelConfig, hf_class: str) -> list[Link]:
-    """One Link per Hugging Face tensor of `hf_class` for this config (aliases of tied tensors excluded)."""
-    return _adapter(hf_class).links(cfg)
+    return links
 
 
 def split_hf_tensor(link: Link, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from scaletrain.parallel.dims import ParallelDims
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # precision= -> dtype
 
 
 def transformer_blocks(model: nn.Module) -> Iterator[nn.Module]:
@@ -41,7 +41,7 @@ def transformer_blocks(model: nn.Module) -> Iterator[nn.Module]:
 def mixed_precision_policy(precision: str, reduce_dtype: str) -> MixedPrecisionPolicy:
     if precision == "fp32":
         return MixedPrecisionPolicy()
-    param_dtype = _DTYPES[precision]
+    param_dtype = PRECISION_DTYPES[precision]
     return MixedPrecisionPolicy(param_dtype=param_dtype,
                                 reduce_dtype=torch.float32 if reduce_dtype == "fp32" else param_dtype)
 

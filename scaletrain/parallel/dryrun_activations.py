@@ -28,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from scaletrain.configs.schema import ModelConfig, TrainConfig
+from scaletrain.parallel.data import PRECISION_DTYPES
 from scaletrain.parallel.dims import ParallelDims
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,7 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
             if isinstance(module, Attention):
                 module.dropout_stream = dims.tp_rank + 1
     apply_activation_checkpointing(holder, cfg.trainer.activation_checkpointing)
-    dtype = _DTYPES[cfg.precision]
+    dtype = PRECISION_DTYPES[cfg.precision]
     holder = _materialize(holder, dtype)
     block = holder.layers["0"]
     x = torch.randn(b, s // tp if sp else s, d, dtype=dtype, requires_grad=True)  # this rank's residual stream
@@ -226,7 +226,7 @@ def _prepared(module: nn.Module, cfg: TrainConfig, dims: ParallelDims) -> nn.Mod
         from scaletrain.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(module, dims.tp_mesh, sequence_parallel=cfg.parallel.sequence_parallel)
-    return _materialize(module, _DTYPES[cfg.precision])
+    return _materialize(module, PRECISION_DTYPES[cfg.precision])
 
 
 def _loss(model_cfg: ModelConfig, outputs, batch: dict):
@@ -248,7 +248,7 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     from scaletrain.parallel.pipeline_stages import build_stage_module
     from scaletrain.train.precision import autocast
 
-    b, s, dtype = cfg.trainer.micro_batch, cfg.trainer.seq_len, _DTYPES[cfg.precision]
+    b, s, dtype = cfg.trainer.micro_batch, cfg.trainer.seq_len, PRECISION_DTYPES[cfg.precision]
     small = _one_layer(model_cfg)
     batch = family_batch(model_cfg, cfg, b, s)
     context = lambda: autocast(cfg.precision, "cpu")  # noqa: E731
