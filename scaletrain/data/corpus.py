@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import sysconfig
 import warnings
@@ -33,9 +32,8 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
-# Standard-library folders that are not prose-bearing library code (tests, IDLE, demos) or not stdlib.
-_BLANK_LINES = re.compile(r"\r?\n[ \t]*\r?\n")
 _BUILTIN_VERSION = 1  # bump when the extraction below changes what documents come out
+# Standard-library folders that are not prose-bearing library code (tests, IDLE, demos) or not stdlib.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
                 "ensurepip", "__pycache__", "tkinter"}
 

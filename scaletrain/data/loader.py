@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.indexed import IndexedTokens
-from scaletrain.data.mixture import MixtureOrder
+from scaletrain.data.mixture import Mixture, MixtureOrder
 from scaletrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Loader:
                             f"= {micro_batch} x {dp_size}; change global_batch or micro_batch")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
-        self.mixture = getattr(dataset, "sources", None) and dataset
+        self.mixture = dataset if isinstance(dataset, Mixture) else None
         if self.mixture:
             self.views = [SampleView(source.train, objective, seq_len, split=f"{source.name} train")
                           for source in self.mixture.sources]

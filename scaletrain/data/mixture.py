@@ -189,8 +189,8 @@ def build_mixture(cfg, progress: bool = True):
 
     data_cfg = cfg.data
     weights = normalized_weights(data_cfg.mixture)
-    kinds = {name: (_kind(name, _resolve(name, data_cfg.mixture_root)), _resolve(name, data_cfg.mixture_root))
-             for name in weights}
+    paths = {name: _resolve(name, data_cfg.mixture_root) for name in weights}
+    kinds = {name: (_kind(name, path), path) for name, path in paths.items()}
     corpora = {name: load_corpus("builtin" if name == "builtin" else str(path), data_cfg.format,
                                  data_cfg.text_field, data_cfg.split_blank_lines, data_cfg.decode_errors)
                for name, (kind, path) in kinds.items() if kind == "corpus"}

@@ -5,8 +5,9 @@
 
 metadata.json is written last (temp + rename) and names the tokenizer hash and the input fingerprint, so
 a directory is complete exactly when it has a metadata.json whose key matches; re-running with the same
-inputs does nothing, and a killed run leaves only `.partial` files that the next run overwrites. A file
-lock serializes ranks (or users) preparing the same directory."""
+inputs does nothing, and a killed run leaves `.partial` files and a `progress.json` journal from which the
+next run resumes after the last finished input file. A file lock serializes ranks (or users) preparing the
+same directory."""
 
 from __future__ import annotations
 
@@ -20,20 +21,22 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 
 from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
 from scaletrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype
-from scaletrain.data.streaming import StreamingPrepare
+from scaletrain.data.streaming import SPLITS, StreamingPrepare, atomic_write_text
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
+
+if TYPE_CHECKING:  # data.mixture imports this module
+    from scaletrain.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "validation")
 
 
 @dataclass
@@ -90,12 +93,6 @@ def _directory_lock(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _shard_dtype(shard_format: str, vocab_size: int) -> np.dtype:
     from scaletrain.data.megatron import megatron_dtype
 
@@ -140,11 +137,11 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
                                _shard_writer(shard_format, tokenizer.vocab_size), dedup).run(num_workers, progress)
         splits = run["splits"]
         seconds = time.perf_counter() - started
-        _atomic_write_text(directory / "tokenizer.json", tokenizer.json)
+        atomic_write_text(directory / "tokenizer.json", tokenizer.json)
         metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
                         dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
                         splits=splits, duplicates=run["duplicates"], seconds=round(seconds, 3), complete=True)
-        _atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
+        atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
     tokens = sum(s["tokens"] for s in splits.values())
     log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", directory,
              sum(s["documents"] for s in splits.values()), tokens, seconds, tokens / max(seconds, 1e-9),
@@ -187,7 +184,7 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
             if not path.is_file():
                 train, _ = split_documents(corpus, data_cfg.val_fraction)
                 tokenizer = train_tokenizer(data_cfg.tokenizer_type, train, data_cfg.tokenizer_vocab)
-                _atomic_write_text(path, tokenizer.json)
+                atomic_write_text(path, tokenizer.json)
     try:
         tokenizer = load_tokenizer(str(path))
     except DataError:

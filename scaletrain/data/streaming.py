@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -120,10 +121,11 @@ class OrderedPool:
 
 # ----------------------------------------------------------------------------- the resumable writer loop
 
-def _atomic_write_json(path: Path, value: dict) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Written beside `path`, flushed to disk, then renamed over it: a reader sees the old or the new file."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as handle:
-        json.dump(value, handle)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
@@ -135,7 +137,7 @@ class _Progress:
     def __init__(self, total_bytes: int, enabled: bool, initial: int):
         self.bar = tqdm(total=total_bytes or None, initial=initial, unit="B", unit_scale=True, desc="prepare",
                         disable=not enabled, leave=False, smoothing=0.1)
-        self.started, self.base, self.tokens = time.perf_counter(), initial, 0
+        self.started, self.tokens = time.perf_counter(), 0
 
     def at(self, done_bytes: int) -> None:
         self.bar.update(max(0, done_bytes - self.bar.n))
@@ -191,10 +193,10 @@ class StreamingPrepare:
             writer.flush()
         self._hashes.flush()
         os.fsync(self._hashes.fileno())
-        _atomic_write_json(self.directory / JOURNAL, {
+        atomic_write_text(self.directory / JOURNAL, json.dumps({
             "key": self.key, "files_done": self.files_done, "empty": self.empty, "duplicates": self.duplicates,
             "routed": self.routed, "held": self.held, "dedup_bytes": self._hashes.tell(),
-            "splits": {s: {"tokens": w.tokens, "documents": w.documents} for s, w in self.writers.items()}})
+            "splits": {s: {"tokens": w.tokens, "documents": w.documents} for s, w in self.writers.items()}}))
 
     # ---- documents -----------------------------------------------------------------------------------
     def _route(self, document: str, pool: OrderedPool):
@@ -251,14 +253,14 @@ class StreamingPrepare:
     def run(self, num_workers: int, progress: bool) -> dict:
         units = self.corpus.units()
         resumed = self._open()
-        sizes = [size for _, size, _ in units]
-        bar = _Progress(sum(sizes), progress, sum(sizes[:self.files_done]))
+        starts = [0, *itertools.accumulate(size for _, size, _ in units)]  # byte offset of each input file
+        bar = _Progress(starts[-1], progress, starts[self.files_done])
         try:
             with OrderedPool(self.tokenizer, num_workers) as pool:
                 since_bytes, since_time = 0, time.perf_counter()
                 for index in range(self.files_done, len(units)):
                     name, size, read = units[index]
-                    base = sum(sizes[:index])
+                    base = starts[index]
                     for document in read(lambda done: bar.at(base + done)):
                         self._write(self._route(document, pool), bar)
                     self.files_done, since_bytes = index + 1, since_bytes + size
@@ -287,8 +289,3 @@ class StreamingPrepare:
             log.info("corpus %s: dropped %d exact duplicate documents", self.corpus.name, self.duplicates)
         return {"splits": splits, "duplicates": self.duplicates, "empty": self.empty, "resumed": resumed}
 
-
-def remove_partials(directory: Path) -> None:
-    """A prepare that cannot resume starts clean (only ever .partial files and the journal)."""
-    for path in list(directory.glob("*.partial")) + [directory / JOURNAL]:
-        path.unlink(missing_ok=True)
