@@ -92,8 +92,8 @@ def attention_bias(attention_mask: torch.Tensor | None, causal: bool, q_len: int
     attention_mask (B, Tk) holds 1 for tokens and 0 for padding; position_bias (1, H, Tq, Tk) is T5's."""
     if attention_mask is None and position_bias is None and (not causal or q_len in (1, k_len)):
         return None  # the caller passes is_causal=causal to SDPA (Attention skips it for one query)
-    if backend == "flex":
-        return FlexBias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
+    if backend == "flex" and q_len > 1:  # one query (a decoding step): the dense (B, 1, 1, Tk) mask is tiny
+        return FlexBias(attention_mask, causal, q_len, k_len, device, position_bias)
     return dense_attention_bias(attention_mask, causal, q_len, k_len, dtype, device, position_bias)
 
 
@@ -166,12 +166,10 @@ def rng_stream(device: torch.device, stream: int):
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | FlexBias | None,
                    is_causal: bool, dropout_p: float, scale: float | None, stream: int) -> torch.Tensor:
     """SDPA (FlexAttention for a FlexBias) on (B, H, Tq|Tk, Dh) -> (B, H, Tq, Dh). stream 0 draws the dropout
-    mask from the global RNG as a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1, each rank holding H/tp
-    heads) draws it inside rng_stream."""
-    if isinstance(bias, FlexBias):
-        if dropout_p == 0.0:
-            return flex_attention_core(q, k, v, bias, scale)
-        bias = bias.dense()  # FlexAttention cannot drop out probabilities
+    mask from the global RNG as a single-device model does; a nonzero stream (tensor parallel: tp_rank + 1,
+    each rank holding H/tp heads) draws it inside rng_stream."""
+    if isinstance(bias, FlexBias):  # mask_backend builds one only when attention dropout is off
+        return flex_attention_core(q, k, v, bias, scale)
     forked = dropout_p > 0.0 and stream != 0
     with rng_stream(q.device, stream) if forked else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal,

@@ -48,12 +48,12 @@ class Stack(nn.Module):
             x = self.dropout(x)
         T = x.shape[1]
         position_bias = self.relative_bias(T, past + T) if self.relative_bias is not None else None
+        backend = mask_backend(self.cfg, x.device, self.training)
         bias = attention_bias(attention_mask, self.is_decoder, T, past + T, x.dtype, x.device, position_bias,
-                              backend=mask_backend(self.cfg, x.device, self.training))
+                              backend=backend)
         memory_bias = None
         if self.is_decoder and memory_mask is not None:
-            memory_bias = attention_bias(memory_mask, False, T, memory.shape[1], x.dtype, x.device,
-                                         backend=mask_backend(self.cfg, x.device, self.training))
+            memory_bias = attention_bias(memory_mask, False, T, memory.shape[1], x.dtype, x.device, backend=backend)
         for name, layer in self.layers.items():
             x = layer(x, bias=bias, is_causal=self.is_decoder, memory=memory, memory_bias=memory_bias,
                       cache=cache.layer(name) if cache is not None else None)

@@ -3,7 +3,7 @@
 Causality and padding become a block mask (FlexAttention skips whole blocks of masked keys and never
 materializes (B, H, Tq, Tk) scores); T5's learned bias becomes a score_mod that reads the (1, H, Tq, Tk)
 table, which FlexAttention differentiates as a captured tensor. FlexAttention has no dropout on the
-attention probabilities, so attention_core falls back to SDPA (via `dense()`) when dropout is on.
+attention probabilities, so blocks.mask_backend keeps SDPA for a training run with attention dropout.
 
 torch 2.13 has no FlexAttention backward on the CPU; there the forward (inference) runs the unfused
 reference, which the tests compare with SDPA. On CUDA the kernel is compiled once per process."""
@@ -44,12 +44,20 @@ class FlexBias:
     causal: bool
     q_len: int
     k_len: int
-    dtype: torch.dtype
     device: torch.device
     position_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        # built once per stack forward and shared by its layers
         self.block_mask = self._block_mask() if self.causal or self.attention_mask is not None else None
+        self.score_mod = self._score_mod() if self.position_bias is not None else None
+
+    def _score_mod(self):
+        table = self.position_bias  # (1, H, Tq, Tk)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[0, h, q_idx, kv_idx].to(score.dtype)
+        return score_mod
 
     def _block_mask(self):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -65,12 +73,6 @@ class FlexBias:
         batch = keep.shape[0] if keep is not None else None
         return create_block_mask(mask_mod, batch, None, self.q_len, self.k_len, device=self.device)
 
-    def dense(self) -> torch.Tensor:
-        from scaletrain.models.blocks import dense_attention_bias
-
-        return dense_attention_bias(self.attention_mask, self.causal, self.q_len, self.k_len, self.dtype,
-                                    self.device, self.position_bias)
-
 
 def flex_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: FlexBias,
                         scale: float | None) -> torch.Tensor:
@@ -79,15 +81,9 @@ def flex_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise ConfigError("model.attention=flex has no backward on the CPU in this torch; train with "
                           "model.attention=auto or sdpa (flex runs forward-only on the CPU)")
-    score_mod = None
-    if bias.position_bias is not None:
-        table = bias.position_bias  # (1, H, Tq, Tk)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + table[0, h, q_idx, kv_idx].to(score.dtype)
-
+    score_mod, block_mask = bias.score_mod, bias.block_mask
     if q.device.type != "cpu":
-        return _flex_kernel(compiled=True)(q, k, v, score_mod=score_mod, block_mask=bias.block_mask, scale=scale)
+        return _flex_kernel(compiled=True)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     with warnings.catch_warnings():  # the unfused CPU reference is the point here, not a mistake
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _flex_kernel(compiled=False)(q, k, v, score_mod=score_mod, block_mask=bias.block_mask, scale=scale)
+        return _flex_kernel(compiled=False)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

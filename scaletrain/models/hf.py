@@ -406,7 +406,9 @@ def _xlnet_links(cfg: ModelConfig, hf_class: str) -> list[Link]:
 
 
 def _xlnet_aliases(cfg: ModelConfig, hf_class: str) -> dict:
-    return {} if hf_class == "XLNetForSequenceClassification" else {"lm_loss.weight": "transformer.word_embedding.weight"}
+    if hf_class == "XLNetForSequenceClassification":
+        return {}
+    return {"lm_loss.weight": "transformer.word_embedding.weight"}
 
 
 def _xlnet_defaults(cfg: ModelConfig, hf_class: str) -> dict:

@@ -179,12 +179,11 @@ class EncoderDecoderStage(StageModule):
 
     def _decode(self, dec, memory, dec_bias, attention_mask, decoder_attention_mask) -> torch.Tensor:
         T, S = dec.shape[1], memory.shape[1]
-        bias = attention_bias(decoder_attention_mask, True, T, T, dec.dtype, dec.device, dec_bias,
-                              backend=mask_backend(self.cfg, dec.device, self.training))
+        backend = mask_backend(self.cfg, dec.device, self.training)
+        bias = attention_bias(decoder_attention_mask, True, T, T, dec.dtype, dec.device, dec_bias, backend=backend)
         memory_bias = None
         if attention_mask is not None:
-            memory_bias = attention_bias(attention_mask, False, T, S, dec.dtype, dec.device,
-                                         backend=mask_backend(self.cfg, dec.device, self.training))
+            memory_bias = attention_bias(attention_mask, False, T, S, dec.dtype, dec.device, backend=backend)
         for layer in self.decoder.layers.values():
             dec = layer(dec, bias=bias, is_causal=True, memory=memory, memory_bias=memory_bias)
         return dec

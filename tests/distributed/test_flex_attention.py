@@ -48,19 +48,6 @@ def test_flex_forward_equals_sdpa_dense_mask(case):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_attention_dropout_falls_back_to_sdpa_with_the_same_mask():
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
-    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    flex_bias = attention_bias(mask, True, 6, 6, q.dtype, q.device, backend="flex")
-    dense = attention_bias(mask, True, 6, 6, q.dtype, q.device)
-    torch.manual_seed(5)
-    expected = attention_core(q, k, v, dense, False, 0.5, None, 0)
-    torch.manual_seed(5)
-    got = attention_core(q, k, v, flex_bias, False, 0.5, None, 0)  # FlexAttention has no dropout: SDPA
-    torch.testing.assert_close(got, expected)
-
-
 def _model(name: str, attention: str, seed: int = 3):
     cfg = dataclasses.replace(load_model_config(name), attention=attention, dropout=0.0, attn_dropout=0.0)
     model = build_model(cfg, "meta").to(torch.float64)
