@@ -14,8 +14,6 @@ from omegaconf import OmegaConf
 from scaletrain.configs import CONFIG_DIR
 from scaletrain.errors import ConfigError
 
-PRESET_GROUPS = ("model", "data", "optim", "parallel", "launcher", "cluster")
-
 
 def _flatten(values: dict, prefix: str) -> list[str]:
     keys = []
@@ -24,11 +22,12 @@ def _flatten(values: dict, prefix: str) -> list[str]:
     return keys
 
 
-def check_experiment_conflicts(overrides: Sequence[str]) -> None:
-    from scaletrain.configs.store import parse_overrides
+def check_experiment_conflicts(parsed_overrides: Sequence) -> None:
+    """`parsed_overrides`: store.parse_overrides' result (Hydra Override objects)."""
+    from scaletrain.configs.store import CONFIG_GROUPS
 
-    choices = {o.key_or_group: o.value() for o in parse_overrides(overrides)
-               if o.key_or_group in PRESET_GROUPS + ("experiment",) and isinstance(o.value(), str)}
+    choices = {o.key_or_group: o.value() for o in parsed_overrides
+               if o.key_or_group in CONFIG_GROUPS and isinstance(o.value(), str)}
     experiment = choices.pop("experiment", None)
     path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"
     if not experiment or not path.is_file():  # none, or one from a user's hydra.searchpath

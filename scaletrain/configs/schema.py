@@ -144,7 +144,6 @@ class ModelConfig:
         _check(self.family != "gpt" or not (self.pooler or self.nsp_head),
                "model.pooler/nsp_head are BERT heads; set them false for family gpt")
         _choice("model.attn_type", self.attn_type, ("bi", "uni"))
-        _check(self.mem_len >= 0 and self.reuse_len >= 0, "model.mem_len and model.reuse_len must be >= 0")
         if self.family == "xlnet":
             _check(self.norm_position == "post" and self.norm == "layernorm",
                    "family xlnet is post-LN with LayerNorm; set model.norm_position=post and model.norm=layernorm")
@@ -188,7 +187,7 @@ class DataConfig:
     tokenizer: str = "train"  # train (on the corpus) | a tokenizer.json path | a local HF tokenizer folder
     tokenizer_type: str = "byte_bpe"  # byte_bpe | wordpiece | unigram | bart_bpe
     tokenizer_vocab: int = 8192
-    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise | plm
+    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise
     mlm_probability: float = 0.15
     whole_word_mask: bool = False
     dynamic_masking: bool = True
@@ -200,8 +199,6 @@ class DataConfig:
     bart_mask_ratio: float = 0.3  # bart_denoise: share of tokens in Poisson(bart_poisson_lambda) spans
     bart_poisson_lambda: float = 3.0
     bart_permute_sentences: bool = True
-    plm_k: int = 6  # plm (XLNet): about 1/K of the tokens are prediction targets (the paper's K)
-    plm_max_span: int = 5  # plm: target spans of 1..plm_max_span words, P(n) proportional to 1/n
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
     val_fraction: float = 0.02
@@ -209,7 +206,6 @@ class DataConfig:
     RANGES: ClassVar[Dict[str, str]] = {
         "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
         "mean_span_length": "[1, inf)", "span_geometric_p": "(0, 1)", "span_max_words": "[1, inf)",
-        "plm_k": "[2, inf)", "plm_max_span": "[1, inf)",
         "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "num_workers": "[0, inf)",
         "val_fraction": "(0, 0.5)"}
 
@@ -217,24 +213,13 @@ class DataConfig:
         check_ranges(self, "data")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
         _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
-        _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe",
-                                                                "xlnet_unigram"))
-        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise",
-                                                      "plm"))
+        _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
+        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise"))
         if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training
             minimum = minimum_tokenizer_vocab(self.tokenizer_type)
             _check(self.tokenizer_vocab >= minimum,
                    f"data.tokenizer_vocab={self.tokenizer_vocab} is too small for a {self.tokenizer_type} "
                    f"tokenizer; use at least {minimum}")
-        _check(0.0 < self.mlm_probability < 1.0, "data.mlm_probability must be in (0, 1)")
-        _check(0.0 < self.noise_density < 1.0, "data.noise_density must be in (0, 1)")
-        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
-        _check(self.tokenizer_vocab > 0 and self.num_workers >= 0,
-               "data.tokenizer_vocab must be positive and data.num_workers >= 0")
-        _check(0.0 < self.span_geometric_p < 1.0 and self.span_max_words >= 1,
-               "data.span_geometric_p must be in (0, 1) and data.span_max_words >= 1")
-        _check(0.0 < self.bart_mask_ratio < 1.0 and self.bart_poisson_lambda > 0,
-               "data.bart_mask_ratio must be in (0, 1) and data.bart_poisson_lambda > 0")
         if self.mixture:
             _check(not self.prepared, "data.mixture and data.prepared are both set; list the prepared folder "
                                       "as one of the mixture's sources instead")
@@ -244,7 +229,6 @@ class DataConfig:
                             f"weight >= 0")
             _check(sum(self.mixture.values()) > 0, "data.mixture weights sum to zero; give at least one "
                                                    "source a positive weight")
-        _check(self.plm_k >= 2 and self.plm_max_span >= 1, "data.plm_k must be >= 2 and data.plm_max_span >= 1")
 
 
 @dataclass
@@ -294,7 +278,6 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "parallel")
         _check(self.dp_shard != 0, "parallel.dp_shard must be >= 1 or -1 (auto)")
-        _choice("parallel.zero", self.zero, (0, 1, 2, 3))
         _choice("parallel.offload", self.offload, ("none", "cpu"))
         _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "param"))
         _choice("parallel.pp_schedule", self.pp_schedule,
@@ -513,6 +496,7 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
         _check(not p.sequence_parallel, "parallel.sequence_parallel is not supported for family xlnet; set it false")
+        _check(p.tp == 1, "family xlnet has no tensor-parallel plan yet; set parallel.tp=1")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")

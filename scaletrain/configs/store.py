@@ -145,7 +145,7 @@ def parse_overrides(overrides: Sequence[str]) -> list:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
-    parse_overrides(overrides)
+    parsed = parse_overrides(overrides)
     register_configs()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -154,7 +154,7 @@ def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
         raise ConfigError(friendly_hydra_error(error)) from None
     from scaletrain.configs.experiments import check_experiment_conflicts
 
-    check_experiment_conflicts(overrides)
+    check_experiment_conflicts(parsed)
     return to_train_config(cfg)
 
 

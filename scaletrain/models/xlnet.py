@@ -85,9 +85,9 @@ def attention_masks(cfg: ModelConfig, q_len: int, mem_len: int, attention_mask, 
 
 
 class RelativeAttention(nn.Module):
-    """Two-stream relative multi-head attention; the projections keep the shared block's names, so the
-    tensor-parallel plan shards q/k/v/r_proj by columns (heads) and out_proj by rows, and the per-head
-    biases by heads. Shapes use -1 heads so a rank's local heads work."""
+    """Two-stream relative multi-head attention; the projections keep the shared block's names. Shapes use -1
+    heads so that a tensor-parallel plan (not written yet: r_proj and the per-head biases need sharding by
+    heads) can give a rank its local heads."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -104,7 +104,7 @@ class RelativeAttention(nn.Module):
         self.seg_embed = nn.Parameter(torch.empty(2, cfg.n_heads, cfg.head_dim))  # same / different segment
         self.dropout = cfg.attn_dropout
         self.scale = cfg.head_dim ** -0.5
-        self.dropout_stream = 0  # tensor parallel sets tp_rank + 1 (see blocks.attention_core)
+        self.dropout_stream = 0  # as blocks.Attention: a tensor-parallel plan would set tp_rank + 1
 
     def heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         B, T, _ = x.shape

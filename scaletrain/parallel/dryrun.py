@@ -57,14 +57,6 @@ def zero_formula(psi: float, zero: int, n_d: int, tp: int, sizes: tuple[int, int
     return MemoryReport(P * psi / (n_d if p_sh else 1), G * psi / (n_d if g_sh else 1), K * psi / (n_d if k_sh else 1))
 
 
-def sharding_degree(dims: ParallelDims) -> int:
-    """N_d of the ZeRO formulas: ZeRO-1 slices optimizer state over every dp rank (ZeroOneOptimizerState on the
-    flat dp mesh); FSDP (ZeRO 2/3) shards over dp_shard only and replicates over dp_replicate (HSDP)."""
-    if dims.zero == 1:
-        return dims.dp_size
-    return dims.dp_shard if dims.zero >= 2 else 1
-
-
 def _local_numel(param: torch.Tensor) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -133,7 +125,7 @@ def _coordinate(dims: ParallelDims, name: str) -> int:
 
 
 def shard_index(dims: ParallelDims) -> int:
-    """This rank's index among the sharding_degree ranks ZeRO cuts its tensors over."""
+    """This rank's index among the Layout.shard_degree ranks ZeRO cuts its tensors over."""
     return dims.dp_rank if dims.zero == 1 else _coordinate(dims, "dp_shard") if dims.zero >= 2 else 0
 
 
@@ -214,12 +206,13 @@ def _microbatches(cfg: TrainConfig, dims: ParallelDims) -> int:
 def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: MemoryReport, sizes, microbatches: int,
              activations: bool) -> DryRunResult:
     from scaletrain.parallel.dryrun_activations import measure_rank_activations
-    from scaletrain.plan.memory import accumulation_bytes, rank_state_elements, stage_memory, stage_tensors
+    from scaletrain.plan.memory import (accumulation_bytes, fsdp_gather_bytes, rank_state_elements, stage_memory,
+                                        stage_tensors)
 
     layout = rank_layout(cfg, dims)
     pp_rank = _coordinate(dims, "pp")
     psi_rank = sum(t.numel for t in stage_tensors(cfg.model, layout, pp_rank))  # the planner's inventory
-    formula = zero_formula(psi_rank, dims.zero, sharding_degree(dims), dims.tp, sizes)
+    formula = zero_formula(psi_rank, dims.zero, layout.shard_degree, dims.tp, sizes)
     result = DryRunResult(measured, formula, "", psi_rank)
     if not activations:
         return result
@@ -230,11 +223,9 @@ def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: M
     result.planner = stage_memory(cfg.model, layout, cfg.trainer.seq_len, microbatches * dims.dp_size *
                                   layout.micro_batch, pp_rank, cfg.precision, cfg.model.attn_dropout > 0,
                                   elements, device="cpu")
-    result.fsdp_buffers = accumulation_bytes(layout, measured.full_elements, microbatches, cfg.precision)
-    if dims.zero >= 3:  # FSDP gathers one layer while prefetching the next, plus its unsharded gradients
-        value_bytes = 4 if cfg.precision == "fp32" else 2
-        blocks = max(sum(result.activations.layers.values()), 1)
-        result.fsdp_buffers += measured.full_elements / blocks * (2 * value_bytes + 4)
+    result.fsdp_buffers = (accumulation_bytes(layout, measured.full_elements, microbatches, cfg.precision)
+                           + fsdp_gather_bytes(layout, measured.full_elements,
+                                               sum(result.activations.layers.values()), cfg.precision))
     result.peak = measured.total + result.activations.peak + result.fsdp_buffers
     return result
 
@@ -245,7 +236,7 @@ def format_report(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, r: Dry
 
     model_cfg = model.stages[0].cfg if getattr(model, "stages", None) else model.cfg
     psi = sum(t.numel for t in parameter_inventory(cfg.model, dims.tp))  # tied weights once
-    n_d = sharding_degree(dims)
+    n_d = rank_layout(cfg, dims).shard_degree  # N_d: ZeRO-1 over every dp rank, FSDP over dp_shard
     lines = [f"dry run: {cfg.model.name}, rank {cfg.dry_run.rank} of {dims.world_size} at {coordinate}",
              f"  {dims.describe()}",
              f"  holds {held_stages(model, model_cfg)}",

@@ -434,6 +434,14 @@ def accumulation_bytes(layout: Layout, full_elements: int, microbatches: int, pr
     return held
 
 
+def fsdp_gather_bytes(layout: Layout, full_elements: float, layers: int, precision: str) -> float:
+    """ZeRO-3: FSDP all-gathers one layer while prefetching the next, and holds its unsharded gradients."""
+    if layout.zero < 3:
+        return 0.0
+    value_bytes = 4 if precision == "fp32" else 2
+    return full_elements / max(layers, 1) * (2 * value_bytes + 4)
+
+
 def in_flight_on_rank(layout: Layout, stage: int, microbatches: int) -> float:
     """Micro-batches of activations pp rank `stage` holds at its peak, in units of its whole share of layers."""
     if stage == 0:
@@ -490,11 +498,8 @@ def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, 
     microbatches = global_batch // (layout.dp * layout.micro_batch)
     kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device)
     activations = kept * in_flight_on_rank(layout, stage, microbatches)
-    buffers = transient + accumulation_bytes(layout, full, microbatches, precision)
-    if layout.zero >= 3:  # FSDP all-gathers one layer while prefetching the next, and its unsharded grads
-        value_bytes = 4 if precision == "fp32" else 2
-        layer_params = full / max(sum(rank_layers(cfg, layout, stage)), 1)
-        buffers += layer_params * (2 * value_bytes + 4)
+    buffers = (transient + accumulation_bytes(layout, full, microbatches, precision)
+               + fsdp_gather_bytes(layout, full, sum(rank_layers(cfg, layout, stage)), precision))
     return MemoryEstimate(p, g, o, activations, buffers)
 
 

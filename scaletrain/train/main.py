@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
-
 from scaletrain.configs.schema import TrainConfig, data_parallel_degree, missing_resume_message, validate_cross_fields
 from scaletrain.configs.store import (CONFIG_MODULE, ROOT_CONFIG, compose_config, parse_overrides, register_configs,
                                      to_train_config)
@@ -97,8 +95,10 @@ def validate(cfg: TrainConfig) -> None:
     families = {"clm": ("gpt",), "mlm": ("bert",), "span_bert": ("bert",), "t5_span": ("encdec",),
                 "bart_denoise": ("encdec",)}
     if model.family not in families[data.objective]:
-        raise ConfigError(f"data.objective={data.objective} does not train a {model.family} model; use "
-                          f"{' or '.join(o for o, f in families.items() if model.family in f)}")
+        fitting = [objective for objective, trained in families.items() if model.family in trained]
+        raise ConfigError(f"data.objective={data.objective} does not train a {model.family} model; "
+                          + (f"use {' or '.join(fitting)}" if fitting else
+                             f"no objective trains the {model.family} family yet"))
     if cfg.precision != "fp32" and cfg.cluster.peak_tflops(cfg.precision) <= 0 and cfg.cluster.device == "cuda":
         raise ConfigError(f"precision={cfg.precision} is not supported by cluster={cfg.cluster.name}; use "
                           f"precision={cfg.cluster.default_precision}")
@@ -154,9 +154,8 @@ def check_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
 
 def run_job(cfg: TrainConfig, overrides: Sequence[str]) -> int:
     """One job in its own run folder (Hydra chdir'ed into it)."""
-    from scaletrain.launch import maybe_launch
-
     from scaletrain.checkpoint.manager import refuse_fresh_start
+    from scaletrain.launch import maybe_launch
     from scaletrain.launch.env import is_worker
 
     cfg = resolve_init_from(cfg, overrides)
