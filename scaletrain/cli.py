@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -48,16 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function_name = SUBCOMMANDS[command][0].split(":")
     from scaletrain.train import signals
 
-    if command == "train":  # stop signals and Ctrl-C are honoured from process start, before the slow imports
-        signals.install()
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-        return int(function(rest) or 0)
-    except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    except (signals.StopRequested, KeyboardInterrupt) as stop:
-        return signals.report(stop)
+    # train: stop signals and Ctrl-C are honoured from process start, before the slow imports; the handlers
+    # are put back when main returns, so an in-process call (tests, notebooks) leaves none behind
+    with signals.installed() if command == "train" else contextlib.nullcontext():
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+            return int(function(rest) or 0)
+        except UserError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return USER_ERROR_EXIT_CODE
+        except (signals.StopRequested, KeyboardInterrupt) as stop:
+            return signals.report(stop)
 
 
 if __name__ == "__main__":

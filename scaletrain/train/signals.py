@@ -113,6 +113,7 @@ def installed():
     try:
         yield
     finally:
+        _state.pending = None  # acted on or moot once the run is over: never carried into the next run
         if ours:
             uninstall()
 
