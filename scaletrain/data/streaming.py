@@ -13,12 +13,15 @@ finished files; the result is byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import itertools
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +32,7 @@ from tqdm import tqdm
 from scaletrain.data.corpus import Corpus, is_validation
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import DataError
+from scaletrain.forkserver import forkserver_context, signals_held
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,21 @@ _JOURNAL_BYTES, _JOURNAL_SECONDS = 64 << 20, 10.0  # a durable point after this 
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _load_tokenizer(tokenizer_json: str) -> None:
     global _worker_tokenizer
     from tokenizers import Tokenizer as Backend
 
     _worker_tokenizer = Tokenizer(Backend.from_str(tokenizer_json))
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    # The parent alone decides when to stop (it catches Ctrl-C and the stop signals and shuts the pool
+    # down); a worker that died of a SIGUSR1 meant for the trainer would break the pool. SIGTERM stays
+    # fatal so that the pool, Slurm and the OS can still end a worker.
+    for number in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _load_tokenizer(tokenizer_json)
 
 
 def _tokenize_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -74,7 +88,7 @@ class OrderedPool:
     def __init__(self, tokenizer: Tokenizer, num_workers: int):
         self.tokenizer, self.num_workers = tokenizer, num_workers
         self._pending: collections.deque = collections.deque()
-        self._pool = None
+        self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
     def __enter__(self) -> "OrderedPool":
         daemonic = multiprocessing.current_process().daemon  # e.g. a test rank: it may not have children
@@ -82,41 +96,54 @@ class OrderedPool:
             log.info("tokenizing in this process: a daemonic process cannot start data.num_workers=%d workers",
                      self.num_workers)
         if self.num_workers <= 1 or daemonic:
-            _init_worker(self.tokenizer.json)
+            _load_tokenizer(self.tokenizer.json)  # this process's signals stay as they are
             return self
-        # fork starts a worker in milliseconds where spawn re-imports for about a second. The children run
-        # only the Rust tokenizer and numpy, never torch, so threads the parent holds are not touched.
+        # Workers come from the forkserver, never from a fork of this process: by now it runs threads (the
+        # tokenizer trainer's Rust pool, torch's, a progress bar's), and a fork taken while one of them
+        # holds a lock hangs the child for good (a `scaletrain train` once stalled at "prepare: 0.00B").
+        # A worker killed from outside (the OOM killer) breaks the executor, where a Pool would wait forever.
         # TOKENIZERS_PARALLELISM=false makes each worker one thread (the processes are the parallelism).
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self._previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self._pool = multiprocessing.get_context(method).Pool(
-            self.num_workers, initializer=_init_worker, initargs=(self.tokenizer.json,))
+        with signals_held():  # a stop meanwhile would leave started workers that nothing tracks
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.num_workers, mp_context=forkserver_context(), initializer=_init_worker,
+                initargs=(self.tokenizer.json,))
+            self._pool.submit(int).result()  # starts every worker now, and the forkserver on first use
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            if self._previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = self._previous
+        if self._pool is None:
+            return
+        # On an error or a stop the queued chunks are dropped; the few running ones take milliseconds.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self._previous
+
+    def _result(self, future: concurrent.futures.Future):
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError("a data prepare worker died (killed from outside, out of memory?); run the same "
+                            "command again: the prepare resumes from its last durable point, or lower "
+                            "data.num_workers") from None
 
     def submit(self, tag, texts: List[str]):
         if self._pool is None:
             yield tag, _tokenize_chunk(texts)
             return
-        self._pending.append((tag, self._pool.apply_async(_tokenize_chunk, (texts,))))
+        self._pending.append((tag, self._pool.submit(_tokenize_chunk, texts)))
         while len(self._pending) > _IN_FLIGHT_PER_WORKER * self.num_workers or (
-                self._pending and self._pending[0][1].ready()):
-            tag, result = self._pending.popleft()
-            yield tag, result.get()
+                self._pending and self._pending[0][1].done()):
+            tag, future = self._pending.popleft()
+            yield tag, self._result(future)
 
     def drain(self):
         while self._pending:
-            tag, result = self._pending.popleft()
-            yield tag, result.get()
+            tag, future = self._pending.popleft()
+            yield tag, self._result(future)
 
 
 # ----------------------------------------------------------------------------- the resumable writer loop

@@ -8,23 +8,12 @@ back its return value or its traceback. `fn` must be importable by name (a modul
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import pickle
 import traceback
 from typing import Any, Callable
 
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp",
-            "torch.distributed.checkpoint", "torch.distributed.pipelining"]
-_context = None  # one forkserver per test process; it outlives the individual launches
-
-
-def _forkserver():
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
+from scaletrain.forkserver import forkserver_context
 
 
 def _worker(fn, rank, world_size, port, args, env, connection) -> None:
@@ -55,7 +44,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     """Returns [fn's result on rank 0, ..., on rank N-1]; raises with the first failing rank's traceback."""
     import torch.distributed as dist
 
-    context = _forkserver()
+    context = forkserver_context()
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
     pipes, processes = [], []

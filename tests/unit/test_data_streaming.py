@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -88,3 +89,36 @@ def test_a_killed_prepare_resumes_after_its_finished_files(tmp_path, tokenizer, 
         assert np.array_equal(getattr(whole, split).tokens, getattr(resumed, split).tokens)
         assert np.array_equal(getattr(whole, split).offsets, getattr(resumed, split).offsets)
     assert not list((tmp_path / "resumed").glob("*.partial")) and not (tmp_path / "resumed" / streaming.JOURNAL).exists()
+
+
+def _worker_facts(_):
+    import signal
+    return os.getppid(), signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)
+
+
+def test_tokenizer_workers_come_from_the_forkserver_and_leave_the_stop_signals_to_the_parent(tokenizer):
+    # A fork of this (threaded) process could hang a worker for good; a worker that died of a SIGUSR1 meant
+    # for the trainer would break the pool.
+    import signal
+
+    with streaming.OrderedPool(tokenizer, 2) as pool:
+        parent, on_usr1, on_int = pool._pool.submit(_worker_facts, None).result()
+        [(tag, (tokens, lengths))] = list(pool.submit("t", ["streams shards"])) + list(pool.drain())
+    assert parent != os.getpid()
+    assert on_usr1 == signal.SIG_IGN and on_int == signal.SIG_IGN
+    assert tag == "t" and tokens.tolist() == tokenizer.encode("streams shards") + [tokenizer.eod_id]
+
+
+def test_signals_held_delivers_a_stop_after_the_block_not_inside_it():
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: seen.append("handler"))
+    try:
+        with streaming.signals_held():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            seen.append("inside")
+        seen.append("after")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == ["inside", "handler", "after"]
