@@ -16,6 +16,7 @@ from scaletrain.errors import UserError
 from scaletrain.parallel.data import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
+HF_EXPORT_DIR = "hf"  # checkpoint.export_hf writes <run_dir>/hf/step-N
 RELATIVE_MAX_LENGTH = 512  # T5's model_max_length when the run's sequence length is unknown
 
 

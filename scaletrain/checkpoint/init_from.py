@@ -2,7 +2,7 @@
 fresh optimizer, schedule and data position.
 
 Two moments:
-  - composing the config (`resolve_init_from`): without `model=` the model config is the source's (with any
+  - composing the config (`take_source_config`, from configs/store.to_train_config): without `model=` the model config is the source's (with any
     `model.<field>=` overrides on top); with `model=` it must compute the same function, else one line names
     the fields. The tokenizer is the source's unless data.tokenizer names one.
   - after the trainer materializes the model (`load_init_weights`): every rank reads only the region of
@@ -22,7 +22,7 @@ import torch
 from scaletrain.checkpoint import hf_io
 from scaletrain.checkpoint.manager import (checkpoint_model_config, checkpoint_tokenizer_path, find_checkpoint,
                                            quiet_single_process)
-from scaletrain.configs.schema import ModelConfig, TrainConfig
+from scaletrain.configs.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.models import hf
 from scaletrain.models.init import TIED_TO_EMBEDDINGS
@@ -122,29 +122,28 @@ def architecture_mismatch(cfg: ModelConfig, source: ModelConfig) -> list[str]:
             if name not in skipped and ours[name] != theirs.get(name)]
 
 
-def resolve_init_from(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """The run's config with model.init_from applied; unchanged when it is not set."""
+def take_source_config(cfg, overrides: Sequence[str]) -> None:
+    """Composing with model.init_from, on the DictConfig before it is validated (a `model.pooler=true` for
+    a BERT source must not be judged against the default GPT preset). Changes `cfg` in place."""
+    from omegaconf import OmegaConf
+
     path = cfg.model.init_from
-    if not path:
-        return cfg
     source = open_source(path)
     keys = _override_keys(overrides)
-    if keys & {"model", "experiment"}:
-        model_cfg = cfg.model
+    if keys & {"model", "experiment"}:  # the user's own architecture: it must compute the same function
+        mismatch = architecture_mismatch(OmegaConf.to_object(cfg.model), source.model_cfg)
+        if mismatch:
+            raise ConfigError(f"model.init_from={path} holds a different architecture than model {cfg.model.name}: "
+                              f"{', '.join(mismatch)}; drop model= to take the source's config, or fix these fields")
     else:  # the source's architecture, with the user's model.<field>= overrides on top
         fields = dataclasses.asdict(source.model_cfg)
-        fields.update({key[len("model."):]: getattr(cfg.model, key[len("model."):])
+        fields.update({key[len("model."):]: cfg.model[key[len("model."):]]
                        for key in keys if key.startswith("model.") and key.count(".") == 1})
         fields["init_from"] = path
-        model_cfg = ModelConfig(**fields)
-    mismatch = architecture_mismatch(model_cfg, source.model_cfg)
-    if mismatch:
-        raise ConfigError(f"model.init_from={path} holds a different architecture than model {model_cfg.name}: "
-                          f"{', '.join(mismatch)}; drop model= to take the source's config, or fix these fields")
-    data = cfg.data
-    if data.tokenizer == "train":
-        data = dataclasses.replace(data, tokenizer=source.tokenizer)
-    return dataclasses.replace(cfg, model=model_cfg, data=data)
+        for name, value in fields.items():  # field by field: the node stays a typed ModelConfig node
+            cfg.model[name] = value
+    if cfg.data.tokenizer == "train":
+        cfg.data.tokenizer = source.tokenizer
 
 
 # ------------------------------------------------------------------------------------- loading weights

@@ -261,7 +261,7 @@ class CheckpointManager:
         problem = self._broadcast_from_rank0(problem)
         if problem is not None:
             raise CheckpointError(problem)
-        self._barrier()
+        self.barrier()
 
     def _prepare_directory(self) -> Optional[str]:
         """Creates the checkpoint folder; the reason it cannot be used, or None."""
@@ -278,7 +278,7 @@ class CheckpointManager:
         return None
 
     # ---- collectives on the checkpoint group ------------------------------------------------------
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
 
@@ -305,7 +305,7 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            self._barrier()
+            self.barrier()
             # Small state is written synchronously: it is captured now, at the step being saved.
             if self.rank == 0:
                 payload = {name: obj.state_dict() for name, obj in stateful.items()}
@@ -350,7 +350,7 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, manifest: dict) -> None:
         # The next checkpoint grows from this one (its manifest names this as its parent).
         written = {"path": str(final.resolve()), "step": manifest["step"], "checkpoint_id": manifest["checkpoint_id"]}
-        self._barrier()  # every rank's shards and RNG file are on disk
+        self.barrier()  # every rank's shards and RNG file are on disk
         if self.rank == 0:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             for file in files:  # DCP does not fsync its shards; the manifest must not outlive them
@@ -368,7 +368,7 @@ class CheckpointManager:
             _fsync_dir(self.directory)
             self._known_good.add(manifest["checkpoint_id"])
             self._apply_retention(manifest["step"])
-        self._barrier()
+        self.barrier()
         self.parent = written
 
     def wait(self) -> None:

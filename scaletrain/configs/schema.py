@@ -340,11 +340,15 @@ class CheckpointConfig:
     keep_every: int = 0  # ...plus every Mth step forever (0: none)
     async_save: bool = False
     save_final: bool = True
+    export_hf: bool = False  # the final checkpoint also as a Hugging Face folder, <run_dir>/hf/step-N
 
     RANGES: ClassVar[Dict[str, str]] = {"every": "[0, inf)", "keep": "[1, inf)", "keep_every": "[0, inf)"}
 
     def __post_init__(self) -> None:
         check_ranges(self, "checkpoint")
+        if self.export_hf and not self.save_final:
+            raise ConfigError("checkpoint.export_hf=true exports the final checkpoint, which "
+                              "checkpoint.save_final=false skips; set checkpoint.save_final=true")
 
 
 @dataclass

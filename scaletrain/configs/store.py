@@ -104,10 +104,15 @@ def check_known_keys(cfg) -> None:
         raise ConfigError(unknown_key_message(key))
 
 
-def to_train_config(cfg) -> TrainConfig:
-    """OmegaConf DictConfig -> validated TrainConfig dataclass."""
+def to_train_config(cfg, overrides: Sequence[str] = ()) -> TrainConfig:
+    """OmegaConf DictConfig (composed from `overrides`) -> validated TrainConfig dataclass. With
+    model.init_from the model config and tokenizer come from the source first (checkpoint/init_from.py)."""
     check_known_keys(cfg)
     try:
+        if cfg.model.init_from:
+            from scaletrain.checkpoint.init_from import take_source_config
+
+            take_source_config(cfg, overrides)
         return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
@@ -155,7 +160,7 @@ def compose_config(overrides: Sequence[str] = ()) -> TrainConfig:
     from scaletrain.configs.experiments import check_experiment_conflicts
 
     check_experiment_conflicts(parsed)
-    return to_train_config(cfg)
+    return to_train_config(cfg, overrides)
 
 
 def _omegaconf_reason(error: Exception, name_key: bool = True) -> str:

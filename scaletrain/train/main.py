@@ -67,15 +67,6 @@ def planned_world_size(cfg: TrainConfig) -> int:
     return launched_world_size(cfg)
 
 
-def resolve_init_from(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """model.init_from: the model config (without model=) and the tokenizer come from the source."""
-    if not cfg.model.init_from:
-        return cfg
-    from scaletrain.checkpoint.init_from import resolve_init_from as resolve
-
-    return resolve(cfg, overrides)
-
-
 def validate(cfg: TrainConfig) -> None:
     """Every rule that needs no data and no process group."""
     world_size = planned_world_size(cfg)
@@ -99,6 +90,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.objective={data.objective} does not train a {model.family} model; "
                           + (f"use {' or '.join(fitting)}" if fitting else
                              f"no objective trains the {model.family} family yet"))
+    if cfg.checkpoint.export_hf:  # found at the end of a long run otherwise
+        from scaletrain.models.hf import to_hf_config
+
+        to_hf_config(model)
     if cfg.precision != "fp32" and cfg.cluster.peak_tflops(cfg.precision) <= 0 and cfg.cluster.device == "cuda":
         raise ConfigError(f"precision={cfg.precision} is not supported by cluster={cfg.cluster.name}; use "
                           f"precision={cfg.cluster.default_precision}")
@@ -110,7 +105,7 @@ def validate_command_line(argv: Sequence[str]) -> None:
     run_dirs = planned_run_dirs(argv, multirun, len(points))
     for index, point in enumerate(points):
         try:
-            cfg = resolve_init_from(compose_config(point), point)
+            cfg = compose_config(point)
             validate(cfg)
             if run_dirs:
                 check_run_folder(run_dirs[index], cfg)
@@ -158,7 +153,6 @@ def run_job(cfg: TrainConfig, overrides: Sequence[str]) -> int:
     from scaletrain.launch import maybe_launch
     from scaletrain.launch.env import is_worker
 
-    cfg = resolve_init_from(cfg, overrides)
     validate(cfg)
     if cfg.resume == "none" and not is_worker(os.environ):  # a launched worker's parent checked already
         refuse_fresh_start(cfg.run_dir)
@@ -197,7 +191,8 @@ def cli(argv: Sequence[str]) -> int:
         signals.install()  # again: submitit's job process starts here, with its own handlers set before ours
         try:
             try:
-                code = run_job(to_train_config(dict_cfg), list(HydraConfig.get().overrides.task))
+                overrides = list(HydraConfig.get().overrides.task)
+                code = run_job(to_train_config(dict_cfg, overrides), overrides)
             except OSError as os_error:  # a full disk or an unwritable run folder is the user's to fix
                 raise run_folder_error(os_error) or os_error
         except UserError as error:  # one line, not Hydra's traceback; the CLI turns it into exit 2

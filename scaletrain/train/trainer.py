@@ -385,12 +385,29 @@ class Trainer:
             self.evaluate()
         if cfg.checkpoint.save_final:
             self.save()
+            if cfg.checkpoint.export_hf:
+                self._export_hf()
         if cfg.trainer.sample_tokens > 0 and self.model_cfg.family != "bert" and not self.dims.pp_enabled:
             text = generate_sample(self.model, self.model_cfg, self.data, self.objective, cfg, self.device)
             self.logger.write(f"sample: {text}")
         final = {"step": self.state.step, "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,
                  **self.last_record, **self.last_eval, **flops.parameter_counts(self.model)}
         self.logger.finish(final)
+
+    def _export_hf(self) -> None:
+        """The final checkpoint read back as `scaletrain export` reads it (one process, any layout)."""
+        from scaletrain.checkpoint.export import HF_EXPORT_DIR, export_checkpoint
+
+        self.checkpoints.wait()
+        step = self.checkpoints.parent["path"]
+        out = self.run_dir / HF_EXPORT_DIR / Path(step).name
+        if self.rank == 0:
+            if out.is_dir() and any(out.iterdir()):
+                log.info("checkpoint.export_hf: %s already holds this step's export; left as it is", out)
+            else:
+                export_checkpoint(step, out)
+                self.logger.write(f"exported {step} as a Hugging Face folder: {out}")
+        self.checkpoints.barrier()
 
     # ---- signals -----------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:

@@ -38,7 +38,8 @@ def exported(tmp_path_factory):
     """name -> (run folder, exported folder); one tiny step each, exported through the CLI."""
     root, folders = tmp_path_factory.mktemp("export"), {}
     for name, (overrides, _, _, _) in RUNS.items():
-        trainer = make_trainer(root / name, overrides + STEPS)
+        extra = ["checkpoint.export_hf=true"] if name == "bart" else []  # the trainer's own export, too
+        trainer = make_trainer(root / name, overrides + STEPS + extra)
         assert trainer.train() == 0
         assert main(["export", str(root / name), "--out", str(root / f"{name}-hf")]) == 0
         folders[name] = (root / name, root / f"{name}-hf")
@@ -141,3 +142,24 @@ def test_export_refuses_a_non_empty_folder_and_shards_above_the_limit(exported, 
         assert torch.equal(reloaded.state_dict()[key], tensor), key
     # a sharded folder reads back through load_model as well
     assert load_model(tmp_path / "sharded").hf_class == "GPT2LMHeadModel"
+
+
+def test_export_hf_at_the_end_of_a_run_writes_what_the_cli_writes(exported):
+    run, folder = exported["bart"]
+    [step] = (run / "checkpoints").glob("step-*")
+    by_trainer = run / "hf" / step.name
+    assert sorted(p.name for p in by_trainer.iterdir()) == sorted(p.name for p in folder.iterdir())
+    ours = transformers.AutoModelForSeq2SeqLM.from_pretrained(by_trainer).state_dict()
+    for key, tensor in transformers.AutoModelForSeq2SeqLM.from_pretrained(folder).state_dict().items():
+        assert torch.equal(ours[key], tensor), key
+
+
+@pytest.mark.parametrize("extra, named", [(["checkpoint.save_final=false"], "checkpoint.save_final"),
+                                          (["model.norm=rmsnorm"], "norm='rmsnorm'")])
+def test_export_hf_that_cannot_happen_is_refused_before_the_run(extra, named):
+    from scaletrain.configs.store import compose_config
+    from scaletrain.errors import UserError
+    from scaletrain.train.main import validate
+
+    with pytest.raises(UserError, match=named):
+        validate(compose_config(tiny_overrides("gpt") + ["checkpoint.export_hf=true", *extra]))

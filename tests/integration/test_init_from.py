@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from scaletrain.checkpoint.init_from import resolve_init_from
 from scaletrain.cli import main
 from scaletrain.configs.store import compose_config
 from scaletrain.errors import UserError
@@ -78,8 +77,7 @@ def _overrides(kind, folder, *extra):
 
 def _trainer(run_dir, overrides):
     torch.set_num_threads(1)
-    cfg = resolve_init_from(compose_config(overrides + [f"run_dir={run_dir}"]), overrides)
-    return Trainer(cfg)
+    return Trainer(compose_config(overrides + [f"run_dir={run_dir}"]))
 
 
 def _hf_loss(hf_model, micro_batches, kind):
@@ -139,6 +137,23 @@ def test_a_scaletrain_run_is_a_source_with_a_fresh_optimizer(hf_folders, tmp_pat
     assert second.data.tokenizer.hash == first.data.tokenizer.hash
     for name, tensor in full_params(first).items():
         assert torch.equal(dict(second.model.named_parameters())[name], tensor), name
+
+
+def test_heads_the_source_lacks_are_initialized_and_listed(hf_folders, tmp_path, caplog):
+    # BertForMaskedLM has neither a pooler nor a classifier: a finetuning run asks for both
+    plain = _trainer(tmp_path / "plain", _overrides("bert", hf_folders["bert"]))
+    with caplog.at_level("INFO", logger="scaletrain.checkpoint.init_from"):
+        headed = _trainer(tmp_path / "headed", _overrides("bert", hf_folders["bert"], "model.num_labels=3",
+                                                          "model.pooler=true"))
+    new = headed.init_report["new"]
+    assert new == ["classifier.bias", "classifier.weight", "pooler.dense.bias", "pooler.dense.weight"]
+    assert "new heads initialized: " + ", ".join(new) in caplog.text
+    ours, loaded = dict(headed.model.named_parameters()), dict(plain.model.named_parameters())
+    assert ours["classifier.weight"].shape == (3, 32) and ours["classifier.weight"].std() > 0
+    for name, tensor in loaded.items():
+        assert torch.equal(ours[name], tensor), name
+    with pytest.raises(UserError, match="missing from the source: .*layers"):  # not a head: refused
+        _trainer(tmp_path / "deeper", _overrides("bert", hf_folders["bert"], "model.n_layers=3"))
 
 
 def _loaded_on_ranks(rank, world_size, tmp_path, folder, layout):
