@@ -28,6 +28,27 @@ _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-d
 _INFO_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
 
 
+# Paths are relative to where the command was typed, but Hydra runs the job inside the run folder and
+# launched workers start there: they are made absolute before anything reads them. (resume= is the
+# documented exception: a relative one names a folder inside the run folder.)
+PATH_KEYS = ("model.init_from", "data.corpus", "data.prepared", "data.mixture_root", "data.tokenizer",
+             "data.cache_dir")
+_NOT_PATHS = ("", "builtin", "train")  # the keywords these keys take besides paths
+
+
+def absolute_paths(argv: Sequence[str], cwd: str) -> list[str]:
+    """`data.corpus=texts/` -> `data.corpus=<cwd>/texts/` (each value of a sweep too); other args as they are."""
+    result = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in PATH_KEYS and value and not value.startswith(("${", "[", "'", '"')):
+            value = ",".join(item if item in _NOT_PATHS or os.path.isabs(os.path.expanduser(item))
+                             else os.path.join(cwd, item) for item in value.split(","))
+            arg = f"{key}={value}"
+        result.append(arg)
+    return result
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
     """(config overrides, multirun?, info-only?) from a Hydra command line."""
     overrides, multirun, info, skip_next = [], False, False, False
@@ -174,7 +195,7 @@ def cli(argv: Sequence[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    argv = list(argv)
+    argv = absolute_paths(argv, os.getcwd())
     _, multirun, info_only = split_overrides(argv)
     if not info_only:
         validate_command_line(argv)

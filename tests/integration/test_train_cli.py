@@ -75,3 +75,20 @@ def test_stop_signal_finishes_the_step_saves_and_asks_for_requeue(tmp_path, sign
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == [f"step-{last_step:06d}"] and verify(checkpoints[0]) is None
     assert f"stopped by {signum.name} at step {last_step}" in output
+
+
+def test_paths_are_relative_to_where_the_command_was_typed_not_to_the_run_folder(tmp_path, monkeypatch):
+    from scaletrain.train.main import absolute_paths
+
+    assert absolute_paths(["data.corpus=texts", "data.corpus=builtin", "model.init_from=/abs/run", "-m",
+                           "data.prepared=a,/b", "+data.tokenizer=tok.json", "resume=step-000010", "seed=3"], "/w") == [
+        "data.corpus=/w/texts", "data.corpus=builtin", "model.init_from=/abs/run", "-m", "data.prepared=/w/a,/b",
+        "+data.tokenizer=/w/tok.json", "resume=step-000010", "seed=3"]
+    # end to end: Hydra runs the job inside the run folder, where "texts" does not exist
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("\n\n".join(f"document {i} about streams and shards" for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in tiny_overrides("gpt", "trainer.max_steps=1") if not o.startswith("data.corpus")]
+    assert main(["train", *overrides, "data.corpus=texts", "data.cache_dir=cache", "hydra.run.dir=run"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000001").is_dir() and (tmp_path / "cache").is_dir()
+    assert not (tmp_path / "run" / "cache").exists()
