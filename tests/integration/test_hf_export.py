@@ -163,3 +163,20 @@ def test_export_hf_that_cannot_happen_is_refused_before_the_run(extra, named):
 
     with pytest.raises(UserError, match=named):
         validate(compose_config(tiny_overrides("gpt") + ["checkpoint.export_hf=true", *extra]))
+
+
+@pytest.mark.parametrize("name", ["gpt", "t5_v1_0", "bart"])
+def test_generate_from_a_trained_run_prints_what_transformers_decodes_from_the_export(exported, name, capsys):
+    run, folder = exported[name]
+    assert main(["generate", str(run), "--prompt", "the a", "--prompt", "b", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    auto = RUNS[name][1]
+    model = auto.from_pretrained(folder).eval()
+    for index, prompt in enumerate(["the a", "b"]):
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False, num_beams=1,
+                             pad_token_id=model.generation_config.pad_token_id, forced_eos_token_id=None)
+        new = out[0, (ids["input_ids"].shape[1] if name == "gpt" else 1):]
+        assert printed[2 * index] == f"[{index + 1}] {prompt}"
+        assert printed[2 * index + 1] == f"  -> {tokenizer.decode(new, skip_special_tokens=True)}"
