@@ -19,7 +19,7 @@ from scaletrain.errors import REQUEUE_EXIT_CODE
 from scaletrain.launch.command import shell_join, worker_overrides
 
 # The agent forwards these to the workers; the trainer saves on USR1/TERM and exits with REQUEUE_EXIT_CODE.
-_FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+_FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # USR2: submitit's preemption
 _SHUTDOWN_TIMEOUT_S = 60  # how long a signalled worker may take to save before the agent SIGKILLs it
 
 
@@ -38,7 +38,7 @@ def worker_environment(nproc: int) -> dict[str, str]:
 def run_elastic(launcher: LaunchConfig, worker_argv: Sequence[str], run_dir: str) -> int:
     """Starts nproc_per_node copies of worker_argv (`scaletrain train ...`, see command.train_argv) and
     returns 0, the first failed rank's exit code once no restarts are left, or REQUEUE_EXIT_CODE after a
-    forwarded USR1/TERM."""
+    forwarded USR1/USR2/TERM."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
@@ -70,8 +70,8 @@ def run_elastic(launcher: LaunchConfig, worker_argv: Sequence[str], run_dir: str
               f"(launcher.max_restarts={launcher.max_restarts})", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as error:
-        # The agent passed the signal on; on USR1/TERM the trainer saves and asks for a requeue.
-        if error.sigval in (signal.SIGUSR1, signal.SIGTERM):
+        # The agent passed the signal on; on a stop signal the trainer saves and asks for a requeue.
+        if error.sigval in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             return REQUEUE_EXIT_CODE
         return 128 + int(error.sigval)
     return 0

@@ -173,17 +173,18 @@ def test_bad_slurm_request_is_one_line_exit_2_and_no_job(slurm, tmp_path, overri
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_local_run_saves_exits_3_and_the_rerun_resumes_and_matches(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])  # USR2: submitit's preemption signal
+def test_stop_signal_to_a_local_run_saves_exits_3_and_the_rerun_resumes_and_matches(reference, tmp_path, signum):
     run_dir = tmp_path / "run"
     args = [*TINY, "launcher.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
     command = [sys.executable, "-m", "scaletrain.cli", "train", *args]
     with background_launch(command, tmp_path / "launch.log") as launcher:
         wait_until(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6,
                    launcher, 300, "training never got going")
-        launcher.send_signal(signal.SIGTERM)  # the elastic agent passes it to both workers
+        launcher.send_signal(signum)  # the elastic agent passes it to both workers
         assert launcher.wait(timeout=120) == 3  # saved, asks for a requeue
     output = (tmp_path / "launch.log").read_text()
-    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    stopped_at = int(output.split(f"stopped by {signum.name} at step ")[1].split(";")[0])
     assert 6 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step-{stopped_at:06d}").is_dir(), output
     rerun = scaletrain_train(args)  # the same command again: auto-resume from that checkpoint
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
