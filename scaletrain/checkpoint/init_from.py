@@ -51,7 +51,7 @@ def open_source(path: str) -> Source:
     location = Path(path).expanduser()
     if hf_io.is_hf_folder(location):
         return _hf_source(location)
-    return _checkpoint_source(find_checkpoint(location, what="model.init_from="))
+    return _checkpoint_source(find_checkpoint(location, what="model.init_from"))
 
 
 def _hf_source(folder: Path) -> Source:

@@ -190,7 +190,8 @@ def friendly_hydra_error(error: Exception) -> str:
     for group in CONFIG_GROUPS:
         if f"'{group}/" in message or f"{group}/" in message and "Could not find" in message:
             names = ", ".join(available(group))
-            return f"{message.split('Available options')[0].strip()} -- available {group} presets: {names}"
+            found = re.sub(r"^In '[^']+': ", "", message.split('Available options')[0].strip())  # Hydra's frame
+            return f"{found} -- available {group} presets: {names}"
     if isinstance(error, OmegaConfBaseException):
         return _omegaconf_reason(error)
     return message
