@@ -10,7 +10,7 @@ REQUEUE_EXIT_CODE = 3
 INTERRUPTED_EXIT_CODE = 130
 # An OSError with one of these is the disk's or the folder's fault (full, quota, read-only, permissions, a
 # file where a folder should be), not a bug: it is reported as a user error.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
 
 
 class UserError(Exception):

@@ -46,6 +46,9 @@ CASES = {
     "init_from_other_architecture": ["train", *TRAIN, "model.init_from={run}", "model=gpt_tiny", "model.n_layers=3"],
     "fresh_start_in_used_folder": ["train", *TRAIN, "resume=none", "hydra.run.dir={run}"],
     "run_dir_under_a_file": ["train", *TRAIN, "hydra.run.dir={file}/run"],
+    "resume_into_another_architecture": ["train", *TRAIN, "model.n_layers=3", "hydra.run.dir={run}"],
+    "checkpoints_is_a_file": ["train", *TRAIN, "hydra.run.dir={blocked}"],
+    "metrics_file_is_a_folder": ["train", *TRAIN, "hydra.run.dir={tmp}/run"],
     "prepared_folder_without_metadata": ["train", *TRAIN, "data.prepared={empty}"],
     "plan_bad_tokens": ["plan", "model=gpt3_175b", "--tokens", "abc"],
     "table_unknown_cluster": ["table", "--cluster", "nope"],
@@ -66,6 +69,8 @@ CASES = {
     "fill_mask_without_a_mask": ["fill-mask", "{run}", "no mask here"],
 }
 
+
+HYDRA_NOTES = (".hydra", "train.log")  # rewritten / appended by every launch in the folder, by design
 
 # what each case's one line must say: the case hits the check it is about, not some earlier one
 EXPECTED = {
@@ -97,6 +102,9 @@ EXPECTED = {
     'fresh_start_in_used_folder': 'resume=none but',
     'run_dir_under_a_file': 'which is a f',
     'prepared_folder_without_metadata': 'has no complete metadata.json',
+    'resume_into_another_architecture': 'holds a different architecture',
+    'checkpoints_is_a_file': 'checkpoints is a file, not a folder',
+    'metrics_file_is_a_folder': 'cannot write (metrics.jsonl): Is a directory',
     'plan_bad_tokens': "argument --tokens: invalid float value: 'abc'",
     'table_unknown_cluster': 'available cluster presets',
     'scaling_fit_missing_sweep': '/no/such/sweep is not a folder',
@@ -118,12 +126,14 @@ EXPECTED = {
 
 
 def _contents(folder: Path) -> dict[str, str]:
+    """What a failed command must not touch: everything but Hydra's own per-launch notes and the log."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.parts[len(folder.parts)] not in HYDRA_NOTES}
 
 
 def _run(argv: list[str], places: dict[str, Path], scratch: Path) -> subprocess.CompletedProcess:
     scratch.mkdir()
+    (scratch / "run" / "metrics.jsonl").mkdir(parents=True)  # only the metrics_file_is_a_folder case looks
     args = [arg.format(tmp=scratch, **places) for arg in argv]
     return subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=scratch, env=cli_env())
@@ -132,11 +142,14 @@ def _run(argv: list[str], places: dict[str, Path], scratch: Path) -> subprocess.
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     root = tmp_path_factory.mktemp("catalogue")
-    places = {"run": root / "run", "data": root / "data", "file": root / "a_file", "empty": root / "empty"}
+    places = {"run": root / "run", "data": root / "data", "file": root / "a_file", "empty": root / "empty",
+              "blocked": root / "blocked"}
     assert make_trainer(places["run"], TRAIN).train() == 0
     assert main(["data", "prepare", "--out", str(places["data"]), "--tokenizer-vocab", "512", "--no-progress"]) == 0
     places["file"].write_text("not a folder\n")
     places["empty"].mkdir()
+    places["blocked"].mkdir()
+    (places["blocked"] / "checkpoints").write_text("a file where the checkpoints folder should be\n")
     before = {name: _contents(places[name]) for name in ("run", "data")}
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(_run, argv, places, root / f"case-{name}") for name, argv in CASES.items()}
