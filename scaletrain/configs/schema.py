@@ -187,7 +187,7 @@ class DataConfig:
     tokenizer: str = "train"  # train (on the corpus) | a tokenizer.json path | a local HF tokenizer folder
     tokenizer_type: str = "byte_bpe"  # byte_bpe | wordpiece | unigram | bart_bpe
     tokenizer_vocab: int = 8192
-    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise
+    objective: str = "clm"  # clm | mlm | span_bert | t5_span | bart_denoise | plm
     mlm_probability: float = 0.15
     whole_word_mask: bool = False
     dynamic_masking: bool = True
@@ -199,6 +199,8 @@ class DataConfig:
     bart_mask_ratio: float = 0.3  # bart_denoise: share of tokens in Poisson(bart_poisson_lambda) spans
     bart_poisson_lambda: float = 3.0
     bart_permute_sentences: bool = True
+    plm_k: int = 6  # plm: 1/plm_k of the tokens are predicted (XLNet's K)
+    plm_max_span: int = 5  # plm: predicted spans are 1..plm_max_span tokens long
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
     val_fraction: float = 0.02
@@ -206,7 +208,8 @@ class DataConfig:
     RANGES: ClassVar[Dict[str, str]] = {
         "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
         "mean_span_length": "[1, inf)", "span_geometric_p": "(0, 1)", "span_max_words": "[1, inf)",
-        "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "num_workers": "[0, inf)",
+        "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "plm_k": "[2, inf)", "plm_max_span": "[1, inf)",
+        "num_workers": "[0, inf)",
         "val_fraction": "(0, 0.5)"}
 
     def __post_init__(self) -> None:
@@ -214,7 +217,7 @@ class DataConfig:
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
         _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
         _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
-        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise"))
+        _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise", "plm"))
         if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training
             minimum = minimum_tokenizer_vocab(self.tokenizer_type)
             _check(self.tokenizer_vocab >= minimum,

@@ -7,7 +7,9 @@ keys of docs/contracts.md. Everything random comes from the Generator, so an exa
     mlm           BERT/RoBERTa: 15% of tokens, 80% [MASK] / 10% random / 10% kept; whole words optional; NSP
     span_bert     SpanBERT: the 15% in contiguous spans of whole words, length ~ Geometric(0.2) clipped at 10
     t5_span       T5: noise density 0.15, mean span 3, one sentinel per span, exact input/target lengths
-    bart_denoise  BART: sentence permutation, then Poisson(3) spans covering 30% each become one <mask>"""
+    bart_denoise  BART: sentence permutation, then Poisson(3) spans covering 30% each become one <mask>
+    plm           XLNet: spans of <= 5 tokens, 1/K of the tokens (K=6), predicted in a random factorization
+                  order; A <sep> B <sep> <cls>"""
 
 from __future__ import annotations
 
@@ -369,6 +371,73 @@ class BARTDenoise:
 
 # ----------------------------------------------------------------------------- from the config
 
+# ----------------------------------------------------------------------------- PLM (XLNet)
+
+def plm_targets(candidates: np.ndarray, k: int, max_span: int, rng) -> np.ndarray:
+    """XLNet's span prediction over the (T,) bool `candidates`: the sequence is cut into consecutive blocks of
+    span_length * K tokens, span_length ~ U{1..max_span}, and one span at a random offset of each block is
+    predicted, so 1/K of the tokens are targets on average. -> (T,) bool."""
+    length = candidates.size
+    targets = np.zeros(length, dtype=bool)
+    start = 0
+    while start < length:
+        span = int(rng.integers(1, max_span + 1))
+        block = span * k
+        offset = start + int(rng.integers(0, block - span + 1))
+        targets[offset:offset + span] = True
+        start += block
+    return targets & candidates
+
+
+def plm_perm_mask(targets: np.ndarray, rng) -> np.ndarray:
+    """A random factorization order in which every non-target precedes every target -> (T, T) int8 perm_mask,
+    1 where query i may not see key j: j is a target that does not come strictly before i in the order
+    (a target never sees itself; non-targets, seen by all, never see a target)."""
+    order = np.full(targets.size, -1, dtype=np.int64)  # non-targets: before everything
+    order[targets] = rng.permutation(int(targets.sum()))
+    return ((order[:, None] <= order[None, :]) & targets[None, :]).astype(np.int8)
+
+
+@dataclass
+class PLM:
+    """XLNet's permutation LM over A <sep> B <sep> <cls> (token types 0, 1, 2), the window split at a random
+    point. num_predict = ceil(window / K) + max_span rows of target_mapping; unused rows are zero, their labels
+    ignored."""
+
+    sep_id: int
+    cls_id: int
+    special: np.ndarray  # (V,) bool: never predicted
+    k: int = 6
+    max_span: int = 5
+    name = "plm"
+    needs_rng = True
+
+    def window_length(self, seq_len: int) -> int:
+        return seq_len - 3
+
+    def stride(self, seq_len: int) -> int:
+        return self.window_length(seq_len)
+
+    def num_predict(self, window: int) -> int:
+        return -(-window // self.k) + self.max_span
+
+    def __call__(self, window: np.ndarray, rng: np.random.Generator, other: np.ndarray = None) -> Example:
+        tokens = window.astype(np.int64)
+        cut = int(rng.integers(1, tokens.size))
+        inputs = np.concatenate([tokens[:cut], [self.sep_id], tokens[cut:], [self.sep_id, self.cls_id]])
+        types = np.concatenate([np.zeros(cut + 1), np.ones(tokens.size - cut + 1), [2]]).astype(np.int64)
+        targets = plm_targets(~self.special[inputs], self.k, self.max_span, rng)
+        positions = np.flatnonzero(targets)[:self.num_predict(tokens.size)]
+        targets = np.zeros_like(targets)
+        targets[positions] = True
+        mapping = np.zeros((self.num_predict(tokens.size), inputs.size), dtype=np.float32)  # (M, T)
+        mapping[np.arange(positions.size), positions] = 1.0
+        labels = np.full(mapping.shape[0], IGNORE_INDEX, dtype=np.int64)
+        labels[:positions.size] = inputs[positions]
+        return {"input_ids": inputs, "token_type_ids": types, "attention_mask": np.ones_like(inputs),
+                "perm_mask": plm_perm_mask(targets, rng), "target_mapping": mapping, "labels": labels}
+
+
 def build_objective(data_cfg, tokenizer, seq_len: int):
     """DataConfig + Tokenizer -> an objective with the tokenizer's special ids."""
     name = data_cfg.objective
@@ -392,6 +461,9 @@ def build_objective(data_cfg, tokenizer, seq_len: int):
         return T5Span(np.asarray(tokenizer.sentinel_ids), tokenizer.special_id("eos", needed_by),
                       tokenizer.pad_id, seq_len, data_cfg.noise_density, data_cfg.mean_span_length,
                       dynamic=data_cfg.dynamic_masking)
+    if name == "plm":
+        return PLM(tokenizer.special_id("sep", needed_by), tokenizer.special_id("cls", needed_by),
+                   tokenizer.special_mask(), k=data_cfg.plm_k, max_span=data_cfg.plm_max_span)
     return BARTDenoise(tokenizer.special_id("bos", needed_by), tokenizer.special_id("eos", needed_by),
                        tokenizer.special_id("mask", needed_by), tokenizer.pad_id, tokenizer.sentence_end_table(),
                        mask_ratio=data_cfg.bart_mask_ratio, poisson_lambda=data_cfg.bart_poisson_lambda,

@@ -105,7 +105,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than data.tokenizer_vocab="
                           f"{data.tokenizer_vocab}; raise model.vocab_size or lower data.tokenizer_vocab")
     families = {"clm": ("gpt",), "mlm": ("bert",), "span_bert": ("bert",), "t5_span": ("encdec",),
-                "bart_denoise": ("encdec",)}
+                "bart_denoise": ("encdec",), "plm": ("xlnet",)}
     if model.family not in families[data.objective]:
         fitting = [objective for objective, trained in families.items() if model.family in trained]
         raise ConfigError(f"data.objective={data.objective} does not train a {model.family} model; "

@@ -47,6 +47,25 @@ def _layer_flops(d: int, a: int, f: int, gated: bool, tokens: int, keys: int) ->
     return tokens * (projections + attention + mlp)
 
 
+def _xlnet_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_predict: int, vocab: int) -> int:
+    """XLNet (models/xlnet.py) per layer and sequence. Content stream: q/k/v/out projections, q . k and the
+    weighted sum over the `keys` (T + mem), q . r over the R relative positions (T + keys when
+    bidirectional) and their projection, the MLP. Query stream of M = num_predict rows: q and out
+    projections and the MLP on M rows, but its attention runs at the T token positions (target_mapping
+    moves the M queries there and back: 2 x 2MTa). The head scores the M rows (all T without targets)."""
+    d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
+    mlp = 2 * d * f * (3 if cfg.activation.startswith("gated") else 2)
+    keys = seq_len + cfg.mem_len
+    relative = keys + (seq_len if cfg.attn_type == "bi" else 0)
+    # over the T positions, either stream: content and position scores, the weighted sum, the two segment scores
+    attention = seq_len * (4 * keys * a + 2 * relative * a + 2 * 2 * a)
+    content = seq_len * (2 * d * 3 * a + 2 * a * d + mlp) + attention
+    query = num_predict * (2 * d * a + 2 * a * d + mlp + 4 * seq_len * a) + attention if num_predict else 0
+    # the relative positions are projected once per batch (once per direction with bi_data)
+    positions = cfg.n_layers * 2 * relative * d * a * (2 if cfg.bi_data else 1)
+    return batch_size * (cfg.n_layers * (content + query) + (num_predict or seq_len) * 2 * d * vocab) + positions
+
+
 def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1,
                   mlm_positions: Optional[int] = None) -> int:
     """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length,
@@ -61,6 +80,8 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: 
         per_sequence += (2 * d * d if cfg.pooler else 0) + (2 * d * 2 if cfg.nsp_head else 0)
         scored = batch_size * seq_len if mlm_positions is None else mlm_positions
         return batch_size * per_sequence + scored * (2 * d * d + 2 * d * vocab)  # MLM transform + tied decoder
+    if cfg.family == "xlnet":  # decoder_len: the query stream's rows (num_predict)
+        return _xlnet_flops(cfg, batch_size, seq_len, decoder_len, vocab)
     t_enc, t_dec = seq_len, decoder_len or seq_len
     encoder = cfg.n_layers * _layer_flops(d, a, f, gated, t_enc, t_enc)
     decoder_self = _layer_flops(d, a, f, gated, t_dec, t_dec)
@@ -77,6 +98,8 @@ def batch_flops(cfg: ModelConfig, batch: dict) -> int:
     """Training FLOPs of one micro-batch from its tensor shapes (the same formula for every family)."""
     batch_size, seq_len = batch["input_ids"].shape
     decoder_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
+    if "target_mapping" in batch:  # XLNet's query stream
+        decoder_len = batch["target_mapping"].shape[1]
     mlm_positions = None
     if cfg.family == "bert" and "labels" in batch:  # what the trainer passes: the head scores these only
         mlm_positions = int((batch["labels"] != IGNORE_INDEX).sum())

@@ -387,7 +387,7 @@ class Trainer:
             self.save()
             if cfg.checkpoint.export_hf:
                 self._export_hf()
-        if cfg.trainer.sample_tokens > 0 and self.model_cfg.family != "bert" and not self.dims.pp_enabled:
+        if cfg.trainer.sample_tokens > 0 and self.model_cfg.family in ("gpt", "encdec") and not self.dims.pp_enabled:
             text = generate_sample(self.model, self.model_cfg, self.data, self.objective, cfg, self.device)
             self.logger.write(f"sample: {text}")
         final = {"step": self.state.step, "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,

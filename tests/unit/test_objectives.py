@@ -341,7 +341,7 @@ def test_examples_are_pure_functions_of_window_and_rng(objective):
     assert all(np.array_equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.parametrize("preset", ["builtin", "bert_mlm", "roberta_mlm", "span_bert", "t5_span", "bart_denoise"])
+@pytest.mark.parametrize("preset", ["builtin", "bert_mlm", "roberta_mlm", "span_bert", "t5_span", "bart_denoise", "xlnet_plm"])
 def test_presets_build_their_objective_from_a_real_tokenizer(preset):
     from scaletrain.configs.store import compose_config
     from scaletrain.data.objectives import build_objective
