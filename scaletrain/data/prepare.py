@@ -3,11 +3,13 @@
 
     <out>/train.bin .idx  validation.bin .idx  tokenizer.json  metadata.json
 
-metadata.json is written last (temp + rename) and names the tokenizer hash and the input fingerprint, so
-a directory is complete exactly when it has a metadata.json whose key matches; re-running with the same
-inputs does nothing, and a killed run leaves `.partial` files and a `progress.json` journal from which the
-next run resumes after the last finished input file. A file lock serializes ranks (or users) preparing the
-same directory."""
+A prepare writes into `<out>.partial` beside the folder and renames it to `<out>` only when complete, so
+an existing `<out>` stays valid until the new one replaces it, whatever happens meanwhile. metadata.json
+is written last and names the tokenizer hash and the input fingerprint, so a folder is complete exactly
+when it has a metadata.json whose key matches; re-running with the same inputs does nothing, and a killed
+run leaves `<out>.partial` with a `progress.json` journal from which the next run resumes after the last
+finished input file. A file lock beside the folder (`.<out>.lock`) serializes ranks (or users) preparing
+the same folder."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -27,7 +30,7 @@ import numpy as np
 
 from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
 from scaletrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype
-from scaletrain.data.streaming import SPLITS, StreamingPrepare, atomic_write_text
+from scaletrain.data.streaming import JOURNAL, SPLITS, StreamingPrepare, atomic_write_text, load_journal
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
 
@@ -83,14 +86,82 @@ def _up_to_date(directory: Path, key: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _directory_lock(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- replacing a folder whole
+
+# What a prepare writes into its folder; ".partial" files and the old in-folder ".lock" besides. A folder
+# holding anything else is not ours to replace or delete.
+_OWN_FILES = {f"{split}.{ext}" for split in SPLITS for ext in ("bin", "idx")} | {
+    "tokenizer.json", "metadata.json", JOURNAL, ".lock"}
+
+
+def staging_dir(directory: Path) -> Path:
+    """Where a prepare of `directory` writes until it is complete."""
+    return directory.with_name(directory.name + ".partial")
+
+
+def _previous_dir(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".previous")
+
+
+def _lock_path(directory: Path) -> Path:
+    # Beside the folder, not in it: the folder itself is renamed away when replaced.
+    return directory.with_name(f".{directory.name}.lock")
+
+
+def _check_only_prepared_files(folder: Path, fix: str) -> None:
+    """A folder prepare replaces or deletes must hold nothing else."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file where scaletrain data prepare needs a folder; {fix}")
+    foreign = sorted(entry.name for entry in folder.iterdir()
+                     if not entry.is_file() or (entry.name not in _OWN_FILES and ".partial" not in entry.name))
+    if foreign:
+        raise DataError(f"{folder} holds {', '.join(foreign[:3])}, which scaletrain data prepare did not write; "
+                        f"{fix}")
+
+
+def _remove_prepared(folder: Path) -> None:
+    """Deletes a folder a prepare wrote (leftovers or a replaced one), never one holding other files."""
+    if folder.exists():
+        _check_only_prepared_files(folder, f"move it away (prepare needs {folder.name} for its own files)")
+        shutil.rmtree(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _recover(directory: Path) -> None:
+    """A prepare killed between the two renames of `_swap_in` left the old folder as `.previous`."""
+    previous = _previous_dir(directory)
+    if previous.exists() and not directory.exists():
+        os.replace(previous, directory)
+    else:
+        _remove_prepared(previous)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """The complete `staging` becomes `directory`; the folder it replaces is deleted only afterwards (a
+    trainer that still maps its shards keeps reading them)."""
+    previous = _previous_dir(directory)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(staging, directory)
+    _fsync_dir(directory.parent)
+    _remove_prepared(previous)
 
 
 def _shard_dtype(shard_format: str, vocab_size: int) -> np.dtype:
@@ -128,33 +199,49 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
     key = _key(corpus, tokenizer, val_fraction, shard_format, dedup)
     if _up_to_date(directory, key):
         return _read_metadata(directory)
-    with _directory_lock(directory):
+    with _file_lock(_lock_path(directory)):
+        _recover(directory)
         if _up_to_date(directory, key):  # another process finished it while we waited
             return _read_metadata(directory)
-        (directory / "metadata.json").unlink(missing_ok=True)  # from here on the directory is incomplete
-        started = time.perf_counter()
-        run = StreamingPrepare(corpus, tokenizer, directory, key, val_fraction,
-                               _shard_writer(shard_format, tokenizer.vocab_size), dedup).run(num_workers, progress)
-        splits = run["splits"]
-        seconds = time.perf_counter() - started
-        atomic_write_text(directory / "tokenizer.json", tokenizer.json)
-        metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
-                        dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
-                        splits=splits, duplicates=run["duplicates"], seconds=round(seconds, 3), complete=True)
-        atomic_write_text(directory / "metadata.json", json.dumps(metadata, indent=2))
+        if directory.exists():
+            _check_only_prepared_files(directory, "a prepare replaces the whole folder, so pass a new or empty one")
+        staging = staging_dir(directory)
+        if not _up_to_date(staging, key):  # else a complete prepare was killed just before its swap
+            if load_journal(staging, key) is None:  # another attempt's leftovers: nothing to resume
+                _remove_prepared(staging)
+            staging.mkdir(parents=True, exist_ok=True)
+            _prepare_into(staging, corpus, tokenizer, key, val_fraction, num_workers, progress, shard_format, dedup)
+        metadata = _read_metadata(staging)
+        _swap_in(staging, directory)
+    return metadata
+
+
+def _prepare_into(staging: Path, corpus: Corpus, tokenizer: Tokenizer, key: dict, val_fraction: float,
+                  num_workers: int, progress: bool, shard_format: str, dedup: bool) -> None:
+    started = time.perf_counter()
+    run = StreamingPrepare(corpus, tokenizer, staging, key, val_fraction,
+                           _shard_writer(shard_format, tokenizer.vocab_size), dedup).run(num_workers, progress)
+    splits = run["splits"]
+    seconds = time.perf_counter() - started
+    atomic_write_text(staging / "tokenizer.json", tokenizer.json)
+    metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
+                    dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
+                    splits=splits, duplicates=run["duplicates"], seconds=round(seconds, 3), complete=True)
+    atomic_write_text(staging / "metadata.json", json.dumps(metadata, indent=2))
     tokens = sum(s["tokens"] for s in splits.values())
-    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", directory,
+    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", staging.name,
              sum(s["documents"] for s in splits.values()), tokens, seconds, tokens / max(seconds, 1e-9),
              num_workers)
-    return metadata
 
 
 def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
     """Opens a complete prepared directory; with `tokenizer`, checks the shards were made with it."""
     directory = Path(os.path.expanduser(str(directory)))
     if not directory.is_dir():
-        raise DataError(f"prepared data directory {directory} does not exist; run scaletrain data prepare "
-                        f"--out {directory} first")
+        interrupted = (f" (an interrupted prepare left {staging_dir(directory).name})"
+                       if staging_dir(directory).is_dir() else "")
+        raise DataError(f"prepared data directory {directory} does not exist{interrupted}; run scaletrain data "
+                        f"prepare --out {directory} first")
     metadata = _read_metadata(directory)
     if metadata is None or not metadata.get("complete"):
         raise DataError(f"{directory} has no complete metadata.json (an interrupted prepare?); re-run "
@@ -180,7 +267,7 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
               f"{data_cfg.tokenizer_type}-{data_cfg.tokenizer_vocab}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     path = folder / "tokenizer.json"
     if not path.is_file():
-        with _directory_lock(folder):
+        with _file_lock(folder / ".lock"):
             if not path.is_file():
                 train, _ = split_documents(corpus, data_cfg.val_fraction)
                 tokenizer = train_tokenizer(data_cfg.tokenizer_type, train, data_cfg.tokenizer_vocab)

@@ -158,6 +158,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def load_journal(directory: Path, key: dict) -> Optional[dict]:
+    """The resume journal a killed prepare of `key` left in `directory`, if any."""
+    try:
+        journal = json.loads((directory / JOURNAL).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return journal if journal.get("key") == key else None
+
+
 class _Progress:
     """A bar over the input bytes on disk (ETA), with tokens/s and documents beside it."""
 
@@ -190,15 +199,8 @@ class StreamingPrepare:
         self.seen: set = set()
 
     # ---- resume --------------------------------------------------------------------------------------
-    def _load_journal(self) -> Optional[dict]:
-        try:
-            journal = json.loads((self.directory / JOURNAL).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return journal if journal.get("key") == self.key else None
-
     def _open(self):
-        journal = self._load_journal()
+        journal = load_journal(self.directory, self.key)
         resume = journal is not None and journal["files_done"] > 0
         self.writers = {}
         for split in SPLITS:

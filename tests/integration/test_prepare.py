@@ -14,7 +14,7 @@ import pytest
 
 from scaletrain.configs.schema import DataConfig
 from scaletrain.data.corpus import is_validation
-from scaletrain.data.prepare import build_datasets, open_prepared
+from scaletrain.data.prepare import build_datasets, open_prepared, staging_dir
 from scaletrain.data.tokenizer import load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
 from scaletrain.parallel.multiprocess import run_on_ranks
@@ -83,22 +83,51 @@ def test_sigkill_midway_leaves_nothing_complete_and_rerun_finishes(tmp_path, tok
             "--out", str(out), "--num-workers", "1"]
     process = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", "data", "prepare", "--no-progress", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = out / "train.bin.partial"
+    partial = staging_dir(out) / "train.bin.partial"
     deadline = time.time() + 120
     while not (partial.exists() and partial.stat().st_size > 0) and time.time() < deadline:
         assert process.poll() is None, "prepare finished before it could be killed; grow the corpus"
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert partial.exists()
-    assert not (out / "metadata.json").exists() and not (out / "train.bin").exists()
-    with pytest.raises(DataError, match="no complete metadata.json"):
+    assert partial.exists() and not out.exists()
+    with pytest.raises(DataError, match="does not exist .an interrupted prepare left prepared.partial"):
         open_prepared(out)
     prepare_cli(*args)
     tokenizer = load_tokenizer(str(tokenizer_file))
     data = open_prepared(out, tokenizer)
     assert np.array_equal(np.asarray(data.train.tokens), expected_shards(documents, tokenizer)["train"])
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial")) and not staging_dir(out).exists()
+
+
+def test_a_failing_re_prepare_leaves_the_good_folder_as_it_was(tmp_path, tokenizer_file):
+    (tmp_path / "docs").mkdir()
+    documents = random_documents(60, np.random.default_rng(6))
+    write_jsonl(tmp_path / "docs" / "a.jsonl", documents)
+    out = tmp_path / "prepared"
+    args = ["--corpus", str(tmp_path / "docs"), "--text-field", "body", "--tokenizer", str(tokenizer_file),
+            "--out", str(out)]
+    prepare_cli(*args)
+    good = {path.name: path.read_bytes() for path in out.iterdir()}
+    lines = [json.dumps({"body": text}) for text in random_documents(40, np.random.default_rng(7))]
+    (tmp_path / "docs" / "b.jsonl").write_text("\n".join(lines[:20] + ["{broken"] + lines[20:]) + "\n")
+    failed = prepare_cli(*args, check_rc=2)
+    assert "b.jsonl:21 is not valid JSON" in failed.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == good
+    tokenizer = load_tokenizer(str(tokenizer_file))
+    assert np.array_equal(np.asarray(open_prepared(out, tokenizer).train.tokens),
+                          expected_shards(documents, tokenizer)["train"])
+    (out / "notes.txt").write_text("mine")  # a folder holding other files is never replaced
+    assert "notes.txt, which scaletrain data prepare did not write" in prepare_cli(*args, check_rc=2).stderr
+    (out / "notes.txt").unlink()
+    (tmp_path / "docs" / "b.jsonl").write_text("\n".join(lines) + "\n")
+    assert "prepared" in prepare_cli(*args).stdout
+    assert open_prepared(out).metadata["splits"]["train"]["documents"] > good_documents(good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "docs", "prepared"]
+
+
+def good_documents(files):
+    return json.loads(files["metadata.json"])["splits"]["train"]["documents"]
 
 
 def test_damaged_or_foreign_shards_are_refused(tmp_path, tokenizer_file):
@@ -169,4 +198,5 @@ def test_ranks_preparing_at_once_share_one_result(tmp_path, tokenizer_file):
     results = run_on_ranks(_build_on_rank, 2, str(tmp_path / "corpus.jsonl"), str(tokenizer_file),
                            str(tmp_path / "cache"))
     assert results[0] == results[1]  # same directory, written once (same mtime), same tokens
-    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
+    assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir() if not p.name.startswith(".")] == [
+        Path(results[0][0]).name]  # one folder (beside it only its hidden lock file)
