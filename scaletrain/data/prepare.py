@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, List, Optional
 import numpy as np
 
 from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
-from scaletrain.data.indexed import IndexedTokens, IndexedWriter, token_dtype
+from scaletrain.data.indexed import CHECKSUM, IndexedTokens, IndexedWriter, scan_file, token_dtype
 from scaletrain.data.streaming import JOURNAL, SPLITS, StreamingPrepare, atomic_write_text, load_journal
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
@@ -69,20 +69,52 @@ def _read_metadata(directory: Path) -> Optional[dict]:
         return None
 
 
-def _up_to_date(directory: Path, key: dict) -> bool:
+def _up_to_date(directory: Path, key: dict, verify: str = "size", warn: bool = False) -> bool:
     metadata = _read_metadata(directory)
     if metadata is not None:
         metadata.setdefault("shard_format", "scaletrain")  # folders written before these options existed
         metadata.setdefault("dedup", False)
     if metadata is None or any(metadata.get(name) != value for name, value in key.items()):
         return False
-    for split in SPLITS:  # a shard damaged after the fact is rebuilt, not trusted
-        expected = metadata["splits"][split]["tokens"] * np.dtype(metadata["dtype"]).itemsize
-        path = directory / f"{split}.bin"
-        if not path.is_file() or path.stat().st_size != expected:
-            log.warning("%s does not match its metadata; rebuilding %s", path, directory)
-            return False
+    problem = shard_problem(directory, metadata, verify)
+    if problem:  # a shard damaged after the fact is rebuilt, not trusted
+        if warn:
+            log.warning("%s; rebuilding %s", problem, directory)
+        return False
     return True
+
+
+# ----------------------------------------------------------------------------- verification
+
+def shard_problem(directory: Path, metadata: dict, verify: str) -> Optional[str]:
+    """What is wrong with the shards of a prepared folder, or None. Sizes always (a stat per file);
+    verify="full" reads every byte once: the checksums metadata.json records (folders prepared before
+    they were recorded have none) and every token id below the vocabulary."""
+    files = metadata.get("files") or {}
+    dtype = np.dtype(metadata["dtype"])
+    expected = {f"{split}.bin": metadata["splits"][split]["tokens"] * dtype.itemsize for split in SPLITS}
+    expected.update({name: entry["bytes"] for name, entry in files.items()})
+    for name, size in expected.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes but metadata.json records {size} (truncated or replaced)"
+    if verify != "full":
+        return None
+    for name in sorted(expected):
+        path, is_tokens = directory / name, name.endswith(".bin")
+        checksum, bad = scan_file(path, dtype=dtype, vocab_size=metadata["vocab_size"] if is_tokens else None)
+        if name in files and checksum.hexdigest() != files[name][CHECKSUM]:
+            return f"{path} does not match its checksum in metadata.json (changed after prepare: overwritten or damaged)"
+        if bad is not None:
+            return (f"{path} holds token id {bad}, outside the vocabulary of {metadata['vocab_size']} tokens "
+                    f"(damaged, or not made with this folder's tokenizer)")
+    return None
+
+
+def _rebuild_hint(directory: Path) -> str:
+    return f"rebuild it: re-run the scaletrain data prepare that made {directory} with --verify full"
 
 
 @contextlib.contextmanager
@@ -184,24 +216,25 @@ def _open_shards(directory: Path, metadata: dict, split: str):
     if metadata.get("shard_format") == "megatron":
         from scaletrain.data.megatron import MegatronTokens
 
-        return MegatronTokens(directory / split)
-    return IndexedTokens(directory / split)
+        return MegatronTokens(directory / split, vocab_size=metadata["vocab_size"])
+    return IndexedTokens(directory / split, metadata["vocab_size"])
 
 
 def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction: float = 0.02,
             num_workers: int = 2, progress: bool = True, shard_format: str = "scaletrain",
-            dedup: bool = False) -> dict:
-    """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split);
-    returns the metadata. Safe to call from every rank at once. Streams (data/streaming.py): bounded
-    memory, and a killed prepare resumes after its last durable input file. shard_format="megatron" writes
-    Megatron-LM .bin/.idx pairs (data/megatron.py); dedup drops exact duplicate documents."""
+            dedup: bool = False, verify: str = "size") -> dict:
+    """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split)
+    and its shards pass `verify` (size | full); returns the metadata. Safe to call from every rank at
+    once. Streams (data/streaming.py): bounded memory, and a killed prepare resumes after its last durable
+    input file. shard_format="megatron" writes Megatron-LM .bin/.idx pairs (data/megatron.py); dedup drops
+    exact duplicate documents."""
     directory = Path(directory)
     key = _key(corpus, tokenizer, val_fraction, shard_format, dedup)
-    if _up_to_date(directory, key):
+    if _up_to_date(directory, key, verify):
         return _read_metadata(directory)
     with _file_lock(_lock_path(directory)):
         _recover(directory)
-        if _up_to_date(directory, key):  # another process finished it while we waited
+        if _up_to_date(directory, key, verify, warn=True):  # another process finished it while we waited
             return _read_metadata(directory)
         if directory.exists():
             _check_only_prepared_files(directory, "a prepare replaces the whole folder, so pass a new or empty one")
@@ -213,6 +246,11 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
             _prepare_into(staging, corpus, tokenizer, key, val_fraction, num_workers, progress, shard_format, dedup)
         metadata = _read_metadata(staging)
         _swap_in(staging, directory)
+    splits = metadata["splits"]
+    tokens, seconds = sum(s["tokens"] for s in splits.values()), metadata["seconds"]
+    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", directory,
+             sum(s["documents"] for s in splits.values()), tokens, seconds, tokens / max(seconds, 1e-9),
+             num_workers)
     return metadata
 
 
@@ -226,16 +264,14 @@ def _prepare_into(staging: Path, corpus: Corpus, tokenizer: Tokenizer, key: dict
     atomic_write_text(staging / "tokenizer.json", tokenizer.json)
     metadata = dict(key, corpus=corpus.name, vocab_size=tokenizer.vocab_size,
                     dtype=_shard_dtype(shard_format, tokenizer.vocab_size).name, eod_id=tokenizer.eod_id,
-                    splits=splits, duplicates=run["duplicates"], seconds=round(seconds, 3), complete=True)
+                    splits=splits, files=run["files"], duplicates=run["duplicates"], seconds=round(seconds, 3),
+                    complete=True)
     atomic_write_text(staging / "metadata.json", json.dumps(metadata, indent=2))
-    tokens = sum(s["tokens"] for s in splits.values())
-    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.0f tokens/s, %d workers)", staging.name,
-             sum(s["documents"] for s in splits.values()), tokens, seconds, tokens / max(seconds, 1e-9),
-             num_workers)
 
 
-def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
-    """Opens a complete prepared directory; with `tokenizer`, checks the shards were made with it."""
+def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None, verify: str = "size") -> PreparedData:
+    """Opens a complete prepared directory; with `tokenizer`, checks the shards were made with it;
+    verify="full" reads every byte against the checksums (see shard_problem)."""
     directory = Path(os.path.expanduser(str(directory)))
     if not directory.is_dir():
         interrupted = (f" (an interrupted prepare left {staging_dir(directory).name})"
@@ -252,8 +288,32 @@ def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None) -> Pre
         raise DataError(f"the shards in {directory} were made with tokenizer {metadata['tokenizer_hash'][:12]} "
                         f"but this run uses {tokenizer.hash[:12]} ({tokenizer.source}); re-run scaletrain data "
                         f"prepare with this tokenizer or set data.tokenizer={directory / 'tokenizer.json'}")
-    splits = {split: _open_shards(directory, metadata, split) for split in SPLITS}
+    splits = {split: _open_shards(directory, metadata, split) for split in SPLITS}  # they check bin vs idx
+    if verify == "full":
+        log.info("data.verify=full: reading every byte of the shards in %s", directory)
+        if not metadata.get("files"):
+            log.warning("%s records no checksums (prepared by an older scaletrain): its sizes and token ids are "
+                        "checked, its contents cannot be", directory)
+    problem = shard_problem(directory, metadata, verify)
+    if problem:
+        raise DataError(f"{problem}; {_rebuild_hint(directory)}")
     return PreparedData(tokenizer, splits["train"], splits["validation"], directory, metadata)
+
+
+def check_prepared(directory: Path) -> str:
+    """`scaletrain data prepare --check`: every byte of a prepared folder, whatever data.verify says."""
+    metadata = open_prepared(directory).metadata
+    problem = shard_problem(directory, metadata, "full")
+    if problem:
+        raise DataError(f"{problem}; {_rebuild_hint(directory)}")
+    counts = ", ".join(f"{split} {v['documents']:,} documents {v['tokens']:,} tokens"
+                       for split, v in metadata["splits"].items())
+    if not metadata.get("files"):
+        return (f"{directory}: sizes and token ids ok, but it records no checksums (prepared by an older "
+                f"scaletrain), so its contents cannot be checked; prepare it again into a new folder to record "
+                f"them ({counts})")
+    return (f"{directory}: ok, {len(metadata['files'])} files match their checksums and every token id is below "
+            f"{metadata['vocab_size']} ({counts})")
 
 
 # ----------------------------------------------------------------------------- the trainer's entry point
@@ -301,12 +361,13 @@ def build_datasets(cfg, progress: bool = True) -> PreparedData:
         if is_megatron_prefix(Path(os.path.expanduser(data_cfg.prepared))):
             return open_megatron_prepared(data_cfg)
         tokenizer = None if data_cfg.tokenizer == "train" else load_tokenizer(data_cfg.tokenizer)
-        return open_prepared(Path(data_cfg.prepared), tokenizer)
+        return open_prepared(Path(data_cfg.prepared), tokenizer, data_cfg.verify)
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
     directory = prepared_cache_dir(data_cfg, corpus, tokenizer)
-    prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress)
-    return open_prepared(directory, tokenizer)
+    prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress,
+            verify=data_cfg.verify)
+    return open_prepared(directory, tokenizer)  # prepare just verified (or wrote) it: no second full read
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -332,12 +393,14 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="{prepare}")
     prepare = commands.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards",
                                   description="Tokenize a corpus into memory-mapped token shards.")
-    prepare.add_argument("--out", required=True, help="output directory")
+    target = prepare.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output directory")
+    target.add_argument("--check", metavar="DIR", help="verify a prepared folder: sizes, checksums, token ids")
     prepare.epilog = ("--format megatron writes Megatron-LM .bin/.idx shards (<out>/train, <out>/validation) "
                       "instead of scaletrain's; the input format is then --input-format.")
     defaults = DataConfig()
     for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
-                 "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction"):
+                 "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction", "verify"):
         value = getattr(defaults, name)
         prepare.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
                              help=f"data.{name} (default: {value})")
@@ -354,6 +417,9 @@ def cli(argv: List[str]) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
+    if args.check:
+        print(check_prepared(Path(os.path.expanduser(args.check))))
+        return 0
     shard_format = "scaletrain"
     if args.format == "megatron":  # the output's format; the input's is --input-format
         shard_format, args.format = "megatron", args.input_format
@@ -364,11 +430,12 @@ def cli(argv: List[str]) -> int:
     corpus = corpus_from_config(data_cfg)
     tokenizer = tokenizer_from_config(data_cfg, corpus)
     key = _key(corpus, tokenizer, data_cfg.val_fraction, shard_format, args.dedup)
-    if _up_to_date(directory, key):
+    if _up_to_date(directory, key, data_cfg.verify):
         print(f"{directory} is up to date (corpus {corpus.fingerprint[:12]}, tokenizer {tokenizer.hash[:12]})")
         return 0
     metadata = prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers,
-                       progress=not args.no_progress, shard_format=shard_format, dedup=args.dedup)
+                       progress=not args.no_progress, shard_format=shard_format, dedup=args.dedup,
+                       verify=data_cfg.verify)
     splits = metadata["splits"]
     print(f"prepared {directory}: vocab {tokenizer.vocab_size}, "
           + ", ".join(f"{s} {v['documents']} docs {v['tokens']} tokens" for s, v in splits.items())

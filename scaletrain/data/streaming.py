@@ -310,11 +310,13 @@ class StreamingPrepare:
             self._hashes.close()
         splits = {split: {"documents": writer.finish(), "tokens": writer.tokens}
                   for split, writer in self.writers.items()}
+        files = {name: entry for writer in self.writers.values() for name, entry in writer.checksums.items()}
         (self.directory / DEDUP_HASHES).unlink(missing_ok=True)
         (self.directory / JOURNAL).unlink(missing_ok=True)
         if self.empty:
             log.info("corpus %s: skipped %d empty documents", self.corpus.name, self.empty)
         if self.dedup:
             log.info("corpus %s: dropped %d exact duplicate documents", self.corpus.name, self.duplicates)
-        return {"splits": splits, "duplicates": self.duplicates, "empty": self.empty, "resumed": resumed}
+        return {"splits": splits, "files": files, "duplicates": self.duplicates, "empty": self.empty,
+                "resumed": resumed}
 

@@ -148,6 +148,68 @@ def test_damaged_or_foreign_shards_are_refused(tmp_path, tokenizer_file):
     open_prepared(out)
 
 
+def check(folder, capsys):
+    """scaletrain data prepare --check in this process -> (exit code, the one line it printed)."""
+    from scaletrain.cli import main
+
+    code = main(["data", "prepare", "--check", str(folder)])
+    captured = capsys.readouterr()
+    lines = (captured.out if code == 0 else captured.err).strip().splitlines()
+    assert len(lines) == 1, captured
+    return code, lines[0]
+
+
+def test_checksums_catch_a_shard_overwritten_at_the_same_size(tmp_path, tokenizer_file, capsys):
+    write_jsonl(tmp_path / "corpus.jsonl", random_documents(80, np.random.default_rng(8)))
+    out = tmp_path / "prepared"
+    args = ["--corpus", str(tmp_path / "corpus.jsonl"), "--text-field", "body", "--tokenizer", str(tokenizer_file),
+            "--out", str(out)]
+    prepare_cli(*args)
+    vocab = json.loads((out / "metadata.json").read_text())["vocab_size"]
+    code, line = check(out, capsys)
+    assert code == 0 and line.startswith(f"{out}: ok, 4 files match their checksums and every token id is below {vocab}")
+    tokens = np.fromfile(out / "train.bin", np.uint16)
+    tokens[100:110] = tokens[200:210]  # in-range ids at the same size: only a checksum can tell
+    tokens.tofile(out / "train.bin")
+    assert open_prepared(out).train.num_tokens == tokens.size  # data.verify=size: sizes only
+    code, line = check(out, capsys)
+    assert code == 2 and f"{out / 'train.bin'} does not match its checksum" in line and "--verify full" in line
+    with pytest.raises(DataError, match="train.bin does not match its checksum"):
+        build_datasets(SimpleNamespace(data=DataConfig(prepared=str(out), verify="full")))
+    assert "up to date" in prepare_cli(*args).stdout  # sizes match: a plain re-run trusts the folder
+    assert "prepared" in prepare_cli(*args, "--verify", "full").stdout  # and the full check rebuilds it
+    assert check(out, capsys)[0] == 0
+    assert "data.verify='fast' is not one of size, full" in prepare_cli(*args, "--verify", "fast", check_rc=2).stderr
+
+
+def test_out_of_range_token_ids_and_folders_without_checksums(tmp_path, tokenizer_file, capsys):
+    from scaletrain.data.loader import Loader
+    from scaletrain.data.objectives import CLM
+
+    write_jsonl(tmp_path / "corpus.jsonl", random_documents(80, np.random.default_rng(9)))
+    out = tmp_path / "prepared"
+    prepare_cli("--corpus", str(tmp_path / "corpus.jsonl"), "--text-field", "body", "--tokenizer",
+                str(tokenizer_file), "--out", str(out))
+    metadata = json.loads((out / "metadata.json").read_text())
+    del metadata["files"]  # as an older scaletrain wrote it
+    (out / "metadata.json").write_text(json.dumps(metadata))
+    code, line = check(out, capsys)
+    assert code == 0 and "records no checksums (prepared by an older scaletrain)" in line
+    tokens = np.fromfile(out / "train.bin", np.uint16)
+    tokens[5] = 65535
+    tokens.tofile(out / "train.bin")
+    code, line = check(out, capsys)
+    assert code == 2 and f"train.bin holds token id 65535, outside the vocabulary of {metadata['vocab_size']} tokens" in line
+    data = open_prepared(out)  # data.verify=size opens it; the loader refuses the sample before the model sees it
+    loader = Loader(data.train, CLM(), 8, 1, 1)
+    loader.consumed_samples = int(np.flatnonzero(loader.permutation(0) == 0)[0])  # the sample holding token 5
+    with pytest.raises(DataError, match=f"train.bin holds token id 65535 at token 5, outside the vocabulary of {metadata['vocab_size']}"):
+        next(loader)
+    from scaletrain.cli import main
+    assert main(["data", "prepare", "--corpus", "builtin"]) == 2
+    assert "one of the arguments --out --check is required" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tokenizer_file):
     def error_of(*args):
         result = prepare_cli("--tokenizer", str(tokenizer_file), "--out", str(tmp_path / "out"), *args, check_rc=2)

@@ -94,6 +94,8 @@ def test_a_killed_prepare_resumes_after_its_finished_files(tmp_path, tokenizer, 
     metadata = prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=2, progress=False)
     assert opened == ["4.jsonl.gz", "5.jsonl.zst"]  # the four finished files were not read again
     assert metadata["splits"] == reference["splits"]
+    assert metadata["files"] == reference["files"]  # the resumed writers hashed what they kept
+    assert sorted(metadata["files"]) == ["train.bin", "train.idx", "validation.bin", "validation.idx"]
     whole, resumed = open_prepared(tmp_path / "whole"), open_prepared(tmp_path / "resumed")
     for split in ("train", "validation"):
         assert np.array_equal(getattr(whole, split).tokens, getattr(resumed, split).tokens)
