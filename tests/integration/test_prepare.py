@@ -210,12 +210,16 @@ def test_out_of_range_token_ids_and_folders_without_checksums(tmp_path, tokenize
     assert "one of the arguments --out --check is required" in capsys.readouterr().err
 
 
+def run_error(result):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tokenizer_file):
     def error_of(*args):
-        result = prepare_cli("--tokenizer", str(tokenizer_file), "--out", str(tmp_path / "out"), *args, check_rc=2)
-        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        return lines[0]
+        return run_error(prepare_cli("--tokenizer", str(tokenizer_file), "--out", str(tmp_path / "out"), *args,
+                                     check_rc=2))
 
     assert "does not exist" in error_of("--corpus", str(tmp_path / "missing"))
     (tmp_path / "blank").mkdir()
@@ -228,6 +232,15 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tokenizer_file):
     prepare_cli("--corpus", str(bad), "--decode-errors", "replace", "--tokenizer", str(tokenizer_file),
                 "--out", str(tmp_path / "replaced"))
     assert "does not exist" in error_of("--corpus", "builtin", "--tokenizer", str(tmp_path / "nope.json"))
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": "a document"}\n{"text": null}\n')
+    assert f"{nulls}:2: field 'text' is null, not a string" in error_of("--corpus", str(nulls))
+    (tmp_path / "a_file").write_text("keep me")
+    for out, where in ((tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "sub", "lies below the file")):
+        message = run_error(prepare_cli("--corpus", str(bad), "--tokenizer", str(tokenizer_file), "--out", str(out),
+                                        check_rc=2))
+        assert f"--out {out} {where}" in message and "pass a folder" in message
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
 def test_build_datasets_prepares_the_builtin_corpus_once(tmp_path):

@@ -58,6 +58,16 @@ def test_jsonl_reader_and_its_errors(tmp_path):
         list(load_corpus(str(path)).documents())
 
 
+@pytest.mark.parametrize("value, kind", [(None, "null"), (3, "int"), (2.5, "float"), (True, "bool"),
+                                         (["a", "b"], "list"), ({"text": "a"}, "dict")])
+def test_a_text_value_that_is_not_a_string_names_its_file_and_line(tmp_path, value, kind):
+    # It used to train on the value's repr ("None", "[...]") without a word.
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataError, match=rf"data.jsonl:3: field 'text' is {kind}, not a string; fix or remove"):
+        list(load_corpus(str(path)).documents())
+
+
 def test_undecodable_bytes_are_counted_or_replaced(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"ok \xff\xfe and \x80 end")
@@ -89,3 +99,6 @@ def test_parquet_and_saved_hf_datasets(tmp_path):
     assert list(corpus.documents()) == ["alpha doc", "beta doc"]
     with pytest.raises(DataError, match="no column 'body'"):
         list(load_corpus(str(tmp_path / "saved"), text_field="body").documents())
+    datasets.Dataset.from_dict({"text": ["alpha doc", None]}).to_parquet(str(tmp_path / "nulls.parquet"))
+    with pytest.raises(DataError, match=r"nulls.parquet row 1: field 'text' is null, not a string"):
+        list(load_corpus(str(tmp_path / "nulls.parquet")).documents())
