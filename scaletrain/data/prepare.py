@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 
-from scaletrain.data.corpus import Corpus, corpus_from_config, split_documents
+from scaletrain.data.corpus import SPLITS, Corpus, corpus_from_config, train_documents
 from scaletrain.data.indexed import CHECKSUM, IndexedTokens, IndexedWriter, scan_file, token_dtype
-from scaletrain.data.streaming import JOURNAL, SPLITS, StreamingPrepare, atomic_write_text, load_journal
+from scaletrain.data.streaming import JOURNAL, StreamingPrepare, atomic_write_text, load_journal
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import DataError
 
@@ -329,8 +329,9 @@ def tokenizer_from_config(data_cfg, corpus: Corpus) -> Tokenizer:
     if not path.is_file():
         with _file_lock(folder / ".lock"):
             if not path.is_file():
-                train, _ = split_documents(corpus, data_cfg.val_fraction)
-                tokenizer = train_tokenizer(data_cfg.tokenizer_type, train, data_cfg.tokenizer_vocab)
+                # streamed into the trainer: it keeps word counts, never the corpus
+                tokenizer = train_tokenizer(data_cfg.tokenizer_type, train_documents(corpus, data_cfg.val_fraction),
+                                            data_cfg.tokenizer_vocab)
                 atomic_write_text(path, tokenizer.json)
     try:
         tokenizer = load_tokenizer(str(path))

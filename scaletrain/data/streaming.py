@@ -29,14 +29,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from scaletrain.data.corpus import Corpus, is_validation
+from scaletrain.data.corpus import SPLITS, Corpus, is_validation, settle_held
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import DataError
 from scaletrain.forkserver import forkserver_context, signals_held
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
 JOURNAL = "progress.json"
 DEDUP_HASHES = "dedup.partial"
 _CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
@@ -242,7 +241,7 @@ class StreamingPrepare:
         split = "validation" if is_validation(document, self.val_fraction) else "train"
         self.routed[split] += 1
         # Each split holds its latest document back: a corpus whose documents all hash to one side moves
-        # that one across at the end (see corpus.split_documents), after the rest was already written.
+        # that one across at the end (corpus.settle_held), after the rest was already written.
         previous, self.held[split] = self.held[split], document
         if previous is not None:
             yield from self._add(split, previous, pool)
@@ -262,21 +261,6 @@ class StreamingPrepare:
         for split, (tokens, lengths) in results:
             self.writers[split].add_documents(tokens, lengths)
             progress.tokens_written(int(tokens.size), sum(w.documents for w in self.writers.values()))
-
-    def _settle_held(self) -> None:
-        """At the end: the held documents go to their split, or across when the other split is empty."""
-        train, validation = self.held["train"], self.held["validation"]
-        if train is None and validation is None:
-            raise DataError(f"corpus {self.corpus.name} is empty (no non-blank document); point data.corpus at "
-                            f"files with text")
-        if train is None:
-            log.info("corpus %s: every document hashed into validation; training on one of them", self.corpus.name)
-            self.held["train"] = validation
-            self.held["validation"] = validation if self.routed["validation"] == 1 else None
-        if validation is None:
-            log.info("corpus %s: no document hashed into validation; holding out the last one", self.corpus.name)
-            self.held["validation"] = train
-            self.held["train"] = train if self.routed["train"] == 1 else None
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self, num_workers: int, progress: bool) -> dict:
@@ -299,7 +283,7 @@ class StreamingPrepare:
                         self._write(pool.drain(), bar)
                         self._save_journal()
                         since_bytes, since_time = 0, time.perf_counter()
-                self._settle_held()
+                settle_held(self.held, self.routed, self.corpus.name)
                 for split in SPLITS:
                     if self.held[split] is not None:
                         self._write(self._add(split, self.held[split], pool), bar)

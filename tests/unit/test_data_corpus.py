@@ -102,3 +102,20 @@ def test_parquet_and_saved_hf_datasets(tmp_path):
     datasets.Dataset.from_dict({"text": ["alpha doc", None]}).to_parquet(str(tmp_path / "nulls.parquet"))
     with pytest.raises(DataError, match=r"nulls.parquet row 1: field 'text' is null, not a string"):
         list(load_corpus(str(tmp_path / "nulls.parquet")).documents())
+
+
+@pytest.mark.parametrize("val_fraction, train, validation", [
+    (1e-12, ["a one", "b two"], ["c three"]),  # nothing hashed into validation: the last document is held out
+    (1 - 1e-12, ["c three"], ["a one", "b two"]),  # everything did: the last one trains
+])
+def test_a_one_sided_split_moves_the_last_document_across(tmp_path, val_fraction, train, validation):
+    from scaletrain.data.corpus import train_documents
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text({"a": "a one", "b": "b two", "c": "c three"}[name])
+    corpus = load_corpus(str(tmp_path))
+    assert split_documents(corpus, val_fraction) == (train, validation)
+    assert list(train_documents(corpus, val_fraction)) == train
+    for name in ("b", "c"):
+        (tmp_path / f"{name}.txt").unlink()
+    assert split_documents(load_corpus(str(tmp_path)), val_fraction) == (["a one"], ["a one"])
