@@ -2,8 +2,8 @@
 
 Documents stream from one input file at a time (corpus.units()), go to train or validation by the hash
 of their text, and travel in ~32 KB chunks to tokenizer worker processes with a bounded number in flight,
-so memory holds a few chunks per worker whatever the corpus size (plus, with --dedup, 16 bytes per
-unique document). The writers append to `.partial` files and spill document lengths to disk.
+so memory holds a few chunks per worker whatever the corpus size (with --dedup, the content hashes
+live in an SQLite table on disk: memory adds its bounded page cache). The writers append to `.partial` files and spill document lengths to disk.
 
 Every so often, at the end of an input file, everything in flight is written, the writers are fsynced,
 and `progress.json` records how far the output is durable (files done, tokens and documents per split).
@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -37,7 +38,8 @@ from scaletrain.forkserver import forkserver_context, signals_held
 log = logging.getLogger(__name__)
 
 JOURNAL = "progress.json"
-DEDUP_HASHES = "dedup.partial"
+DEDUP_HASHES = "dedup.sqlite.partial"
+_DEDUP_CACHE_KIB = 64 << 10  # SQLite's page cache for the --dedup table: its whole share of memory
 _CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
 _IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep it busy, few enough to stay small
 _JOURNAL_BYTES, _JOURNAL_SECONDS = 64 << 20, 10.0  # a durable point after this much input or time
@@ -183,6 +185,38 @@ class _Progress:
         self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, {documents:,} docs", refresh=False)
 
 
+class SeenDigests:
+    """The content hashes of the documents kept so far (--dedup), in an SQLite table beside the shards:
+    memory stays at SQLite's page cache (_DEDUP_CACHE_KIB) whatever the document count, and the disk
+    holds ~25-40 bytes per unique document. A row records the journal generation that added it: an
+    uncommitted one dies with a killed process, and a resume drops those committed after its journal."""
+
+    def __init__(self, path: Path, resume_generation: Optional[int]):
+        if resume_generation is None:
+            for stale in path.parent.glob(path.name + "*"):  # the table and SQLite's own journal
+                stale.unlink()
+        self.db = sqlite3.connect(path)
+        self.db.execute(f"PRAGMA cache_size=-{_DEDUP_CACHE_KIB}")
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, generation INTEGER) WITHOUT ROWID")
+        if resume_generation is not None:
+            self.db.execute("DELETE FROM seen WHERE generation > ?", (resume_generation,))
+        self.db.commit()
+        self.generation = (resume_generation or 0) + 1
+
+    def add(self, digest: bytes) -> bool:
+        """True when the digest is new (the document is kept)."""
+        return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (digest, self.generation)).rowcount == 1
+
+    def commit(self) -> int:
+        """Makes every digest added so far durable; -> the generation the journal records."""
+        self.db.commit()
+        self.generation += 1
+        return self.generation - 1
+
+    def close(self) -> None:
+        self.db.close()
+
+
 class StreamingPrepare:
     """One run of prepare over `corpus` into `directory` (held under the caller's lock)."""
 
@@ -195,7 +229,7 @@ class StreamingPrepare:
         self.chunks: Dict[str, List[str]] = {split: [] for split in SPLITS}
         self.chunk_chars = {split: 0 for split in SPLITS}
         self.empty = self.duplicates = self.files_done = 0
-        self.seen: set = set()
+        self.seen: Optional[SeenDigests] = None
 
     # ---- resume --------------------------------------------------------------------------------------
     def _open(self):
@@ -205,25 +239,21 @@ class StreamingPrepare:
         for split in SPLITS:
             at = (journal["splits"][split]["tokens"], journal["splits"][split]["documents"]) if resume else None
             self.writers[split] = self.writer_factory(self.directory / split, at)
-        self._hashes = open(self.directory / DEDUP_HASHES, "r+b" if resume else "wb")
+        if self.dedup:
+            self.seen = SeenDigests(self.directory / DEDUP_HASHES, journal["dedup_generation"] if resume else None)
         if resume:
             self.files_done, self.empty, self.duplicates = (journal[k] for k in ("files_done", "empty", "duplicates"))
             self.routed, self.held = journal["routed"], journal["held"]
-            self._hashes.truncate(journal["dedup_bytes"])
-            self._hashes.seek(0)
-            data = self._hashes.read(journal["dedup_bytes"])
-            self.seen = {data[i:i + 16] for i in range(0, len(data), 16)}
             log.info("resuming the prepare of %s after %d finished input files", self.directory, self.files_done)
         return resume
 
     def _save_journal(self) -> None:
         for writer in self.writers.values():
             writer.flush()
-        self._hashes.flush()
-        os.fsync(self._hashes.fileno())
+        generation = self.seen.commit() if self.seen is not None else 0
         atomic_write_text(self.directory / JOURNAL, json.dumps({
             "key": self.key, "files_done": self.files_done, "empty": self.empty, "duplicates": self.duplicates,
-            "routed": self.routed, "held": self.held, "dedup_bytes": self._hashes.tell(),
+            "routed": self.routed, "held": self.held, "dedup_generation": generation,
             "splits": {s: {"tokens": w.tokens, "documents": w.documents} for s, w in self.writers.items()}}))
 
     # ---- documents -----------------------------------------------------------------------------------
@@ -233,11 +263,9 @@ class StreamingPrepare:
             return
         if self.dedup:
             digest = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            if digest in self.seen:
+            if not self.seen.add(digest):
                 self.duplicates += 1
                 return
-            self.seen.add(digest)
-            self._hashes.write(digest)
         split = "validation" if is_validation(document, self.val_fraction) else "train"
         self.routed[split] += 1
         # Each split holds its latest document back: a corpus whose documents all hash to one side moves
@@ -291,7 +319,8 @@ class StreamingPrepare:
                 self._write(pool.drain(), bar)
         finally:
             bar.bar.close()
-            self._hashes.close()
+            if self.seen is not None:
+                self.seen.close()
         splits = {split: {"documents": writer.finish(), "tokens": writer.tokens}
                   for split, writer in self.writers.items()}
         files = {name: entry for writer in self.writers.values() for name, entry in writer.checksums.items()}

@@ -62,6 +62,53 @@ def test_dedup_drops_exact_duplicates_and_counts_them(tmp_path, tokenizer):
     assert sum(s["documents"] for s in metadata["splits"].values()) == unique
 
 
+def test_a_dedup_prepare_killed_after_committing_its_hashes_resumes_exactly(tmp_path, tokenizer, monkeypatch):
+    # Every file repeats documents of the one before, so a digest committed for a file the journal does not
+    # count yet would drop that file's documents as duplicates on the resume.
+    (tmp_path / "in").mkdir()
+    texts = documents(11, 140)
+    for index in range(6):
+        part = texts[20 * index:20 * index + 40]
+        (tmp_path / "in" / f"{index}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    corpus = load_corpus(str(tmp_path / "in"))
+    reference = prepare(corpus, tokenizer, tmp_path / "whole", num_workers=0, progress=False, dedup=True)
+    assert reference["duplicates"] == 100
+    monkeypatch.setattr(streaming, "_JOURNAL_BYTES", 0)
+    journals, write = [], streaming.atomic_write_text
+
+    def killed_at_the_third_journal(path, text):
+        if path.name == streaming.JOURNAL and len(journals) == 2:
+            raise KeyboardInterrupt  # the hashes of file 2 are committed, the journal still says 2 files
+        journals.append(path)
+        write(path, text)
+
+    monkeypatch.setattr(streaming, "atomic_write_text", killed_at_the_third_journal)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=0, progress=False, dedup=True)
+    monkeypatch.setattr(streaming, "atomic_write_text", write)
+    metadata = prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=0, progress=False, dedup=True)
+    assert (metadata["duplicates"], metadata["splits"], metadata["files"]) == (
+        reference["duplicates"], reference["splits"], reference["files"])
+
+
+def test_the_dedup_hashes_do_not_grow_this_process_memory(tmp_path):
+    import hashlib
+    import itertools
+    import tracemalloc
+
+    seen = streaming.SeenDigests(tmp_path / streaming.DEDUP_HASHES, None)
+    digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(50_000)]
+    tracemalloc.start()
+    try:
+        kept = sum(seen.add(digest) for digest in itertools.chain(digests, digests[:1000]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seen.close()
+    assert kept == 50_000
+    assert peak < 100_000  # a set of the same digests takes ~4 MB; SQLite's page cache is outside Python's heap
+
+
 def folder_bytes(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
