@@ -374,16 +374,16 @@ def build_datasets(cfg, progress: bool = True) -> PreparedData:
 # ----------------------------------------------------------------------------- CLI
 
 def check_output_folder(directory: Path) -> None:
-    """--out must be a folder or a path that can become one: not a file, not below a file, writable."""
+    """--out must be a folder or a path that can become one: not a file, not below a file, and in a
+    writable folder (prepare builds <out>.partial beside it and renames it into place)."""
     for path in (directory, *directory.parents):
-        if not path.exists():
-            continue
-        if not path.is_dir():
+        if path.exists() and not path.is_dir():
             where = "is a file" if path == directory else f"lies below the file {path}"
             raise DataError(f"--out {directory} {where}; pass a folder for the prepared shards")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise DataError(f"--out {directory}: {path} is not writable; pass a folder you can write to")
-        return
+    parent = next(path for path in directory.resolve().parents if path.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {directory}: {parent} is not writable (prepare builds {directory.name}.partial "
+                        f"beside {directory.name}); pass a folder inside one you can write to")
 
 
 def _parser():
