@@ -228,7 +228,8 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
     once. Streams (data/streaming.py): bounded memory, and a killed prepare resumes after its last durable
     input file. shard_format="megatron" writes Megatron-LM .bin/.idx pairs (data/megatron.py); dedup drops
     exact duplicate documents."""
-    directory = Path(directory)
+    # The real folder (not a symlink to it, nor "."): it is renamed, and its siblings are written.
+    directory = Path(directory).expanduser().resolve()
     key = _key(corpus, tokenizer, val_fraction, shard_format, dedup)
     if _up_to_date(directory, key, verify):
         return _read_metadata(directory)
