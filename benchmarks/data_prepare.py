@@ -58,7 +58,7 @@ def run_scaletrain(vocab: int, workers: int) -> dict:
     list(corpus.documents())  # parse the stdlib before the clock starts
     with tempfile.TemporaryDirectory() as out:
         started, cpu = time.perf_counter(), _cpu_seconds()
-        metadata = prepare(corpus, tokenizer, Path(out), num_workers=workers, progress=False)
+        metadata = prepare(corpus, tokenizer, Path(out) / "prepared", num_workers=workers, progress=False)
         seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
     tokens = sum(split["tokens"] for split in metadata["splits"].values())
     return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "peak_mb": _peak_rss_mb()}
@@ -114,7 +114,8 @@ def run_large(which: str, path: str, vocab: int, workers: int) -> dict:
             from scaletrain.data.corpus import load_corpus
             from scaletrain.data.prepare import prepare
 
-            metadata = prepare(load_corpus(path), tokenizer, Path(out), num_workers=workers, progress=False)
+            metadata = prepare(load_corpus(path), tokenizer, Path(out) / "prepared", num_workers=workers,
+                               progress=False)
             tokens = sum(split["tokens"] for split in metadata["splits"].values())
         else:
             import datasets

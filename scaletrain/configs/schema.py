@@ -204,6 +204,9 @@ class DataConfig:
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
     val_fraction: float = 0.02
+    # How a prepared folder's shards are checked when opened: size (a stat per file) | full (every byte
+    # read once against the checksums in metadata.json, and every token id against the vocabulary).
+    verify: str = "size"
 
     RANGES: ClassVar[Dict[str, str]] = {
         "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
@@ -216,6 +219,7 @@ class DataConfig:
         check_ranges(self, "data")
         _choice("data.format", self.format, ("auto", "text", "jsonl", "parquet", "hf_disk"))
         _choice("data.decode_errors", self.decode_errors, ("strict", "replace"))
+        _choice("data.verify", self.verify, ("size", "full"))
         _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
         _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise", "plm"))
         if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training

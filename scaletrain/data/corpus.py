@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+SPLITS = ("train", "validation")
 _BUILTIN_VERSION = 1  # bump when the extraction below changes what documents come out
 # Standard-library folders that are not prose-bearing library code (tests, IDLE, demos) or not stdlib.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
@@ -361,25 +362,54 @@ def corpus_from_config(data_cfg) -> Corpus:
                        data_cfg.decode_errors)
 
 
-def split_documents(corpus: Corpus, val_fraction: float) -> tuple[List[str], List[str]]:
-    """(train, validation) document lists; empty documents are dropped and counted in the log."""
-    train, validation, empty = [], [], 0
+def settle_held(held: dict, routed: dict, corpus_name: str) -> None:
+    """At the end of a corpus. Each split held its latest document back (`held`, of the `routed` counts):
+    they go to their split, or one moves across when the other split got none (a single document serves
+    both), so a tiny corpus that hashed all its documents to one side still has both splits."""
+    train, validation = held["train"], held["validation"]
+    if train is None and validation is None:
+        raise DataError(f"corpus {corpus_name} is empty (no non-blank document); point data.corpus at files "
+                        f"with text")
+    if train is None:
+        log.info("corpus %s: every document hashed into validation; training on one of them", corpus_name)
+        held["train"] = validation
+        held["validation"] = validation if routed["validation"] == 1 else None
+    if validation is None:
+        log.info("corpus %s: no document hashed into validation; holding out the last one", corpus_name)
+        held["validation"] = train
+        held["train"] = train if routed["train"] == 1 else None
+
+
+def split_stream(corpus: Corpus, val_fraction: float) -> Iterator[Tuple[str, str]]:
+    """(split, document) in corpus order, streamed: memory holds one document per split, whatever the
+    corpus size. Empty documents are dropped and counted in the log."""
+    held: dict = {split: None for split in SPLITS}
+    routed, empty = {split: 0 for split in SPLITS}, 0
     for document in corpus.documents():
         if not document.strip():
             empty += 1
             continue
-        (validation if is_validation(document, val_fraction) else train).append(document)
+        split = "validation" if is_validation(document, val_fraction) else "train"
+        routed[split] += 1
+        previous, held[split] = held[split], document
+        if previous is not None:
+            yield split, previous
     if empty:
         log.info("corpus %s: skipped %d empty documents", corpus.name, empty)
-    if not train and not validation:
-        raise DataError(f"corpus {corpus.name} is empty (no non-blank document); point data.corpus at files "
-                        f"with text")
-    # A tiny corpus can hash all its documents to one side; rather than fail, move one across (a single
-    # document serves both splits) and say so.
-    if not train:
-        train.append(validation.pop() if len(validation) > 1 else validation[0])
-        log.info("corpus %s: every document hashed into validation; training on one of them", corpus.name)
-    if not validation:
-        validation.append(train.pop() if len(train) > 1 else train[0])
-        log.info("corpus %s: no document hashed into validation; holding out the last one", corpus.name)
-    return train, validation
+    settle_held(held, routed, corpus.name)
+    for split in SPLITS:
+        if held[split] is not None:
+            yield split, held[split]
+
+
+def train_documents(corpus: Corpus, val_fraction: float) -> Iterator[str]:
+    """The train split, streamed (a tokenizer trains on it without holding the corpus in memory)."""
+    return (document for split, document in split_stream(corpus, val_fraction) if split == "train")
+
+
+def split_documents(corpus: Corpus, val_fraction: float) -> tuple[List[str], List[str]]:
+    """(train, validation) document lists, for corpora that fit in memory."""
+    splits: dict = {split: [] for split in SPLITS}
+    for split, document in split_stream(corpus, val_fraction):
+        splits[split].append(document)
+    return splits["train"], splits["validation"]

@@ -5,10 +5,13 @@
     <prefix>.idx   header (magic, dtype, document and token counts) + int64 document offsets (n_docs + 1)
 
 Writers write `<file>.partial` and rename when done (the .idx last), so a killed writer never leaves a
-file under its final name; readers check the .bin size against the index before trusting a byte."""
+file under its final name; readers check the .bin size against the index before trusting a byte. Writers
+hash what they write (blake2b) as they write it, so prepare records a checksum per file without reading
+its output again."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -22,6 +25,51 @@ MAGIC = b"STIDX\x00\x01\x00"
 _HEADER = struct.Struct("<8sBqq")  # magic, dtype code, documents, tokens
 _DTYPES = {1: np.uint16, 2: np.uint32}
 _CODES = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
+
+
+CHECKSUM = "blake2b"  # the metadata.json key of a file's checksum (blake2b-256, hex)
+_SCAN_CHUNK = 8 << 20  # bytes read at a time when a file is hashed back (a multiple of every dtype size)
+
+
+def new_checksum():
+    return hashlib.blake2b(digest_size=32)
+
+
+def scan_file(path: Path, size: Optional[int] = None, dtype: Optional[np.dtype] = None,
+              vocab_size: Optional[int] = None):
+    """Reads the first `size` bytes (all by default) once -> (checksum object, the first token id outside
+    [0, vocab_size) or None); the token ids are looked at only when `dtype` and `vocab_size` are given."""
+    checksum, bad = new_checksum(), None
+    with open(path, "rb") as handle:
+        left = path.stat().st_size if size is None else size
+        while left > 0:
+            chunk = handle.read(min(_SCAN_CHUNK, left))
+            if not chunk:
+                break
+            checksum.update(chunk)
+            left -= len(chunk)
+            if vocab_size is not None and bad is None:
+                bad = out_of_range(np.frombuffer(chunk, dtype, len(chunk) // np.dtype(dtype).itemsize), vocab_size)
+    return checksum, bad
+
+
+def out_of_range(ids: np.ndarray, vocab_size: int) -> Optional[int]:
+    """A token id of `ids` outside [0, vocab_size), or None: two reductions, no copy."""
+    if ids.size == 0:
+        return None
+    largest, smallest = int(ids.max()), int(ids.min())
+    return largest if largest >= vocab_size else smallest if smallest < 0 else None
+
+
+class _HashingFile:
+    """A binary file whose writes also feed a checksum."""
+
+    def __init__(self, handle, checksum):
+        self.handle, self.checksum = handle, checksum
+
+    def write(self, data) -> None:
+        self.checksum.update(data)
+        self.handle.write(data)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -64,15 +112,21 @@ class IndexedWriter:
         self.idx_partial = self.idx_path.with_name(self.idx_path.name + ".partial")
         self.lengths_partial = self.bin_path.with_name(self.bin_path.stem + ".lengths.partial")
         self.tokens, self.documents = resume_at or (0, 0)
-        self._handle = _open_at(self.bin_partial, resume_at and self.tokens * self.dtype.itemsize)
+        kept = resume_at and self.tokens * self.dtype.itemsize
+        self._handle = _open_at(self.bin_partial, kept)
         self._lengths = _open_at(self.lengths_partial, resume_at and self.documents * 8)
+        # A resumed writer hashes again what it kept (once, at disk speed); hash states cannot be saved.
+        self._checksum = scan_file(self.bin_partial, kept)[0] if resume_at else new_checksum()
+        self.checksums: dict = {}  # after finish(): {file name: {"bytes": n, CHECKSUM: hex}}
 
     def _final_paths(self) -> Tuple[Path, Path]:
         return self.prefix.with_suffix(".bin"), self.prefix.with_suffix(".idx")
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """tokens: (sum(lengths),) the documents concatenated; lengths: (n_docs,)."""
-        self._handle.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self._checksum.update(tokens)
+        self._handle.write(tokens)
         self._lengths.write(np.asarray(lengths, dtype=np.int64).tobytes())
         self.tokens += int(tokens.size)
         self.documents += int(np.size(lengths))
@@ -100,9 +154,13 @@ class IndexedWriter:
     def finish(self) -> int:
         self._handle.close()
         self._lengths.close()
+        index_checksum = new_checksum()
         with open(self.idx_partial, "wb") as handle:
-            self._write_index(handle)
+            self._write_index(_HashingFile(handle, index_checksum))
         self.lengths_partial.unlink()
+        for path, checksum, partial in ((self.bin_path, self._checksum, self.bin_partial),
+                                        (self.idx_path, index_checksum, self.idx_partial)):
+            self.checksums[path.name] = {"bytes": partial.stat().st_size, CHECKSUM: checksum.hexdigest()}
         _fsync_rename(self.bin_partial, self.bin_path)
         _fsync_rename(self.idx_partial, self.idx_path)
         return self.documents
@@ -115,10 +173,12 @@ class IndexedWriter:
 
 
 class IndexedTokens:
-    """Read side: `tokens` is a read-only memmap of the whole stream, `offsets` the document starts."""
+    """Read side: `tokens` is a read-only memmap of the whole stream, `offsets` the document starts;
+    `vocab_size` (None: unknown) bounds the token ids, which the loader checks per sample."""
 
-    def __init__(self, prefix: Path):
+    def __init__(self, prefix: Path, vocab_size: Optional[int] = None):
         self.prefix = Path(prefix)
+        self.vocab_size = vocab_size
         bin_path, idx_path = self.prefix.with_suffix(".bin"), self.prefix.with_suffix(".idx")
         for path in (bin_path, idx_path):
             if not path.is_file():

@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List
 import numpy as np
 import torch
 
-from scaletrain.data.indexed import IndexedTokens
+from scaletrain.data.indexed import IndexedTokens, out_of_range
 from scaletrain.data.mixture import Mixture, MixtureOrder
 from scaletrain.errors import DataError
 
@@ -47,7 +47,7 @@ class SampleView:
     """Sample i of a split: tokens[i*stride : i*stride + window] of the packed stream."""
 
     def __init__(self, dataset: IndexedTokens, objective, seq_len: int, split: str = "train"):
-        self.tokens = dataset.tokens
+        self.tokens, self.prefix, self.vocab_size = dataset.tokens, dataset.prefix, dataset.vocab_size
         self.window = objective.window_length(seq_len)
         self.stride = objective.stride(seq_len)
         if self.window < 4:
@@ -65,7 +65,16 @@ class SampleView:
 
     def __getitem__(self, index: int) -> np.ndarray:
         start = index * self.stride
-        return np.asarray(self.tokens[start:start + self.window])
+        sample = np.asarray(self.tokens[start:start + self.window])
+        # A damaged shard must not reach the embedding (an IndexError, or a CUDA assert): two reductions
+        # over a sample cost nothing beside the step.
+        bad = None if self.vocab_size is None else out_of_range(sample, self.vocab_size)
+        if bad is not None:
+            at = start + int(np.argmax(sample == bad))
+            raise DataError(f"{self.prefix}.bin holds token id {bad} at token {at}, outside the vocabulary of "
+                            f"{self.vocab_size} tokens: the shard is damaged or made with another tokenizer; "
+                            f"prepare it again (scaletrain data prepare --check DIR tells what is wrong)")
+        return sample
 
 
 def make_example(view: SampleView, objective, index: int, seed: int, stream: int, epoch: int,

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from scaletrain.data.indexed import _LENGTHS_CHUNK, IndexedWriter
+from scaletrain.data.indexed import _LENGTHS_CHUNK, IndexedWriter, scan_file
 from scaletrain.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -50,8 +50,9 @@ class MegatronTokens:
     """Documents [first, last) of a Megatron prefix: `tokens` is a read-only memmap slice of the .bin,
     `offsets` (n_docs + 1,) the document starts relative to it."""
 
-    def __init__(self, prefix: Path, documents: Optional[Tuple[int, int]] = None):
+    def __init__(self, prefix: Path, documents: Optional[Tuple[int, int]] = None, vocab_size: Optional[int] = None):
         self.prefix = Path(prefix)
+        self.vocab_size = vocab_size
         idx_path, bin_path = Path(f"{self.prefix}.idx"), Path(f"{self.prefix}.bin")
         for path in (idx_path, bin_path):
             if not path.is_file():
@@ -107,18 +108,25 @@ def check_vocab_fits(dataset: MegatronTokens, tokenizer) -> None:
                         f"were made with (data.tokenizer=PATH)")
 
 
-def open_megatron(prefix: Path, tokenizer, val_fraction: float):
-    """(train, validation) views of one prefix: the last val_fraction of the documents (>= 1) validate."""
-    whole = MegatronTokens(prefix)
+def open_megatron(prefix: Path, tokenizer, val_fraction: float, verify: str = "size"):
+    """(train, validation) views of one prefix: the last val_fraction of the documents (>= 1) validate.
+    Megatron records no checksums: verify="full" reads the .bin once for token ids outside the vocab."""
+    vocab = tokenizer.vocab_size
+    whole = MegatronTokens(prefix, vocab_size=vocab)
     check_vocab_fits(whole, tokenizer)
+    if verify == "full":
+        bad = scan_file(Path(f"{prefix}.bin"), dtype=whole.dtype, vocab_size=vocab)[1]
+        if bad is not None:
+            raise DataError(f"{prefix}.bin holds token id {bad}, outside the {vocab} tokens of {tokenizer.source}; "
+                            f"name the tokenizer the shards were made with (data.tokenizer=PATH)")
     documents = whole.total_documents
     if documents == 0:
         raise DataError(f"Megatron prefix {prefix} holds no document; point at a non-empty one")
     held_out = max(1, round(val_fraction * documents))
     if documents == 1:  # one document serves both splits
         return whole, whole
-    return (MegatronTokens(prefix, (0, documents - held_out)),
-            MegatronTokens(prefix, (documents - held_out, documents)))
+    return (MegatronTokens(prefix, (0, documents - held_out), vocab),
+            MegatronTokens(prefix, (documents - held_out, documents), vocab))
 
 
 def open_megatron_prepared(data_cfg):
@@ -130,7 +138,7 @@ def open_megatron_prepared(data_cfg):
         raise DataError(f"data.prepared={prefix} is a Megatron prefix, which records no tokenizer; name the one it "
                         f"was made with: data.tokenizer=PATH (a tokenizer.json or a Hugging Face folder)")
     tokenizer = load_tokenizer(data_cfg.tokenizer)
-    train, validation = open_megatron(prefix, tokenizer, data_cfg.val_fraction)
+    train, validation = open_megatron(prefix, tokenizer, data_cfg.val_fraction, data_cfg.verify)
     metadata = {"format": "megatron", "prefix": str(prefix), "dtype": train.dtype.name,
                 "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size}
     return PreparedData(tokenizer, train, validation, prefix.parent, metadata)

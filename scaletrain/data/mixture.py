@@ -198,13 +198,15 @@ def build_mixture(cfg, progress: bool = True):
     sources = []
     for name, (kind, path) in kinds.items():
         if kind == "megatron":
-            train, validation = open_megatron(path, tokenizer, data_cfg.val_fraction)
+            train, validation = open_megatron(path, tokenizer, data_cfg.val_fraction, data_cfg.verify)
             sources.append(MixtureSource(name, weights[name], train, validation, str(path), tokenizer.hash))
             continue
         if kind == "corpus":
             path = prepared_cache_dir(data_cfg, corpora[name], tokenizer)
-            prepare(corpora[name], tokenizer, path, data_cfg.val_fraction, data_cfg.num_workers, progress)
-        prepared = open_prepared(path, None)  # its own tokenizer: compared below, naming both sources
+            prepare(corpora[name], tokenizer, path, data_cfg.val_fraction, data_cfg.num_workers, progress,
+                    verify=data_cfg.verify)
+        # its own tokenizer: compared below, naming both sources; a corpus's was just verified by prepare
+        prepared = open_prepared(path, None, data_cfg.verify if kind == "prepared" else "size")
         sources.append(MixtureSource(name, weights[name], prepared.train, prepared.validation, str(path),
                                      prepared.metadata["tokenizer_hash"]))
     _check_same_tokenizer(sources)

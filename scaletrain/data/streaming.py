@@ -2,8 +2,8 @@
 
 Documents stream from one input file at a time (corpus.units()), go to train or validation by the hash
 of their text, and travel in ~32 KB chunks to tokenizer worker processes with a bounded number in flight,
-so memory holds a few chunks per worker whatever the corpus size (plus, with --dedup, 16 bytes per
-unique document). The writers append to `.partial` files and spill document lengths to disk.
+so memory holds a few chunks per worker whatever the corpus size (with --dedup, the content hashes
+live in an SQLite table on disk: memory adds its bounded page cache). The writers append to `.partial` files and spill document lengths to disk.
 
 Every so often, at the end of an input file, everything in flight is written, the writers are fsynced,
 and `progress.json` records how far the output is durable (files done, tokens and documents per split).
@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,16 +30,16 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from scaletrain.data.corpus import Corpus, is_validation
+from scaletrain.data.corpus import SPLITS, Corpus, is_validation, settle_held
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import DataError
 from scaletrain.forkserver import forkserver_context, signals_held
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
 JOURNAL = "progress.json"
-DEDUP_HASHES = "dedup.partial"
+DEDUP_HASHES = "dedup.sqlite.partial"
+_DEDUP_CACHE_KIB = 64 << 10  # SQLite's page cache for the --dedup table: its whole share of memory
 _CHUNK_CHARS = 1 << 15  # ~32 KB of text per worker task: balances the workers and keeps the bar live
 _IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep it busy, few enough to stay small
 _JOURNAL_BYTES, _JOURNAL_SECONDS = 64 << 20, 10.0  # a durable point after this much input or time
@@ -158,6 +159,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def load_journal(directory: Path, key: dict) -> Optional[dict]:
+    """The resume journal a killed prepare of `key` left in `directory`, if any."""
+    try:
+        journal = json.loads((directory / JOURNAL).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return journal if journal.get("key") == key else None
+
+
 class _Progress:
     """A bar over the input bytes on disk (ETA), with tokens/s and documents beside it."""
 
@@ -175,6 +185,38 @@ class _Progress:
         self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s, {documents:,} docs", refresh=False)
 
 
+class SeenDigests:
+    """The content hashes of the documents kept so far (--dedup), in an SQLite table beside the shards:
+    memory stays at SQLite's page cache (_DEDUP_CACHE_KIB) whatever the document count, and the disk
+    holds ~25-40 bytes per unique document. A row records the journal generation that added it: an
+    uncommitted one dies with a killed process, and a resume drops those committed after its journal."""
+
+    def __init__(self, path: Path, resume_generation: Optional[int]):
+        if resume_generation is None:
+            for stale in path.parent.glob(path.name + "*"):  # the table and SQLite's own journal
+                stale.unlink()
+        self.db = sqlite3.connect(path)
+        self.db.execute(f"PRAGMA cache_size=-{_DEDUP_CACHE_KIB}")
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, generation INTEGER) WITHOUT ROWID")
+        if resume_generation is not None:
+            self.db.execute("DELETE FROM seen WHERE generation > ?", (resume_generation,))
+        self.db.commit()
+        self.generation = (resume_generation or 0) + 1
+
+    def add(self, digest: bytes) -> bool:
+        """True when the digest is new (the document is kept)."""
+        return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (digest, self.generation)).rowcount == 1
+
+    def commit(self) -> int:
+        """Makes every digest added so far durable; -> the generation the journal records."""
+        self.db.commit()
+        self.generation += 1
+        return self.generation - 1
+
+    def close(self) -> None:
+        self.db.close()
+
+
 class StreamingPrepare:
     """One run of prepare over `corpus` into `directory` (held under the caller's lock)."""
 
@@ -187,42 +229,31 @@ class StreamingPrepare:
         self.chunks: Dict[str, List[str]] = {split: [] for split in SPLITS}
         self.chunk_chars = {split: 0 for split in SPLITS}
         self.empty = self.duplicates = self.files_done = 0
-        self.seen: set = set()
+        self.seen: Optional[SeenDigests] = None
 
     # ---- resume --------------------------------------------------------------------------------------
-    def _load_journal(self) -> Optional[dict]:
-        try:
-            journal = json.loads((self.directory / JOURNAL).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return journal if journal.get("key") == self.key else None
-
     def _open(self):
-        journal = self._load_journal()
+        journal = load_journal(self.directory, self.key)
         resume = journal is not None and journal["files_done"] > 0
         self.writers = {}
         for split in SPLITS:
             at = (journal["splits"][split]["tokens"], journal["splits"][split]["documents"]) if resume else None
             self.writers[split] = self.writer_factory(self.directory / split, at)
-        self._hashes = open(self.directory / DEDUP_HASHES, "r+b" if resume else "wb")
+        if self.dedup:
+            self.seen = SeenDigests(self.directory / DEDUP_HASHES, journal["dedup_generation"] if resume else None)
         if resume:
             self.files_done, self.empty, self.duplicates = (journal[k] for k in ("files_done", "empty", "duplicates"))
             self.routed, self.held = journal["routed"], journal["held"]
-            self._hashes.truncate(journal["dedup_bytes"])
-            self._hashes.seek(0)
-            data = self._hashes.read(journal["dedup_bytes"])
-            self.seen = {data[i:i + 16] for i in range(0, len(data), 16)}
             log.info("resuming the prepare of %s after %d finished input files", self.directory, self.files_done)
         return resume
 
     def _save_journal(self) -> None:
         for writer in self.writers.values():
             writer.flush()
-        self._hashes.flush()
-        os.fsync(self._hashes.fileno())
+        generation = self.seen.commit() if self.seen is not None else 0
         atomic_write_text(self.directory / JOURNAL, json.dumps({
             "key": self.key, "files_done": self.files_done, "empty": self.empty, "duplicates": self.duplicates,
-            "routed": self.routed, "held": self.held, "dedup_bytes": self._hashes.tell(),
+            "routed": self.routed, "held": self.held, "dedup_generation": generation,
             "splits": {s: {"tokens": w.tokens, "documents": w.documents} for s, w in self.writers.items()}}))
 
     # ---- documents -----------------------------------------------------------------------------------
@@ -232,15 +263,13 @@ class StreamingPrepare:
             return
         if self.dedup:
             digest = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            if digest in self.seen:
+            if not self.seen.add(digest):
                 self.duplicates += 1
                 return
-            self.seen.add(digest)
-            self._hashes.write(digest)
         split = "validation" if is_validation(document, self.val_fraction) else "train"
         self.routed[split] += 1
         # Each split holds its latest document back: a corpus whose documents all hash to one side moves
-        # that one across at the end (see corpus.split_documents), after the rest was already written.
+        # that one across at the end (corpus.settle_held), after the rest was already written.
         previous, self.held[split] = self.held[split], document
         if previous is not None:
             yield from self._add(split, previous, pool)
@@ -260,21 +289,6 @@ class StreamingPrepare:
         for split, (tokens, lengths) in results:
             self.writers[split].add_documents(tokens, lengths)
             progress.tokens_written(int(tokens.size), sum(w.documents for w in self.writers.values()))
-
-    def _settle_held(self) -> None:
-        """At the end: the held documents go to their split, or across when the other split is empty."""
-        train, validation = self.held["train"], self.held["validation"]
-        if train is None and validation is None:
-            raise DataError(f"corpus {self.corpus.name} is empty (no non-blank document); point data.corpus at "
-                            f"files with text")
-        if train is None:
-            log.info("corpus %s: every document hashed into validation; training on one of them", self.corpus.name)
-            self.held["train"] = validation
-            self.held["validation"] = validation if self.routed["validation"] == 1 else None
-        if validation is None:
-            log.info("corpus %s: no document hashed into validation; holding out the last one", self.corpus.name)
-            self.held["validation"] = train
-            self.held["train"] = train if self.routed["train"] == 1 else None
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self, num_workers: int, progress: bool) -> dict:
@@ -297,7 +311,7 @@ class StreamingPrepare:
                         self._write(pool.drain(), bar)
                         self._save_journal()
                         since_bytes, since_time = 0, time.perf_counter()
-                self._settle_held()
+                settle_held(self.held, self.routed, self.corpus.name)
                 for split in SPLITS:
                     if self.held[split] is not None:
                         self._write(self._add(split, self.held[split], pool), bar)
@@ -305,14 +319,17 @@ class StreamingPrepare:
                 self._write(pool.drain(), bar)
         finally:
             bar.bar.close()
-            self._hashes.close()
+            if self.seen is not None:
+                self.seen.close()
         splits = {split: {"documents": writer.finish(), "tokens": writer.tokens}
                   for split, writer in self.writers.items()}
+        files = {name: entry for writer in self.writers.values() for name, entry in writer.checksums.items()}
         (self.directory / DEDUP_HASHES).unlink(missing_ok=True)
         (self.directory / JOURNAL).unlink(missing_ok=True)
         if self.empty:
             log.info("corpus %s: skipped %d empty documents", self.corpus.name, self.empty)
         if self.dedup:
             log.info("corpus %s: dropped %d exact duplicate documents", self.corpus.name, self.duplicates)
-        return {"splits": splits, "duplicates": self.duplicates, "empty": self.empty, "resumed": resumed}
+        return {"splits": splits, "files": files, "duplicates": self.duplicates, "empty": self.empty,
+                "resumed": resumed}
 

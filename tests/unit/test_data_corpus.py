@@ -58,6 +58,16 @@ def test_jsonl_reader_and_its_errors(tmp_path):
         list(load_corpus(str(path)).documents())
 
 
+@pytest.mark.parametrize("value, kind", [(None, "null"), (3, "int"), (2.5, "float"), (True, "bool"),
+                                         (["a", "b"], "list"), ({"text": "a"}, "dict")])
+def test_a_text_value_that_is_not_a_string_names_its_file_and_line(tmp_path, value, kind):
+    # It used to train on the value's repr ("None", "[...]") without a word.
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataError, match=rf"data.jsonl:3: field 'text' is {kind}, not a string; fix or remove"):
+        list(load_corpus(str(path)).documents())
+
+
 def test_undecodable_bytes_are_counted_or_replaced(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"ok \xff\xfe and \x80 end")
@@ -89,3 +99,23 @@ def test_parquet_and_saved_hf_datasets(tmp_path):
     assert list(corpus.documents()) == ["alpha doc", "beta doc"]
     with pytest.raises(DataError, match="no column 'body'"):
         list(load_corpus(str(tmp_path / "saved"), text_field="body").documents())
+    datasets.Dataset.from_dict({"text": ["alpha doc", None]}).to_parquet(str(tmp_path / "nulls.parquet"))
+    with pytest.raises(DataError, match=r"nulls.parquet row 1: field 'text' is null, not a string"):
+        list(load_corpus(str(tmp_path / "nulls.parquet")).documents())
+
+
+@pytest.mark.parametrize("val_fraction, train, validation", [
+    (1e-12, ["a one", "b two"], ["c three"]),  # nothing hashed into validation: the last document is held out
+    (1 - 1e-12, ["c three"], ["a one", "b two"]),  # everything did: the last one trains
+])
+def test_a_one_sided_split_moves_the_last_document_across(tmp_path, val_fraction, train, validation):
+    from scaletrain.data.corpus import train_documents
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text({"a": "a one", "b": "b two", "c": "c three"}[name])
+    corpus = load_corpus(str(tmp_path))
+    assert split_documents(corpus, val_fraction) == (train, validation)
+    assert list(train_documents(corpus, val_fraction)) == train
+    for name in ("b", "c"):
+        (tmp_path / f"{name}.txt").unlink()
+    assert split_documents(load_corpus(str(tmp_path)), val_fraction) == (["a one"], ["a one"])

@@ -146,3 +146,19 @@ def test_a_prefix_without_a_named_tokenizer_is_refused(tmp_path):
     encode(tmp_path / "web", random_documents(np.random.default_rng(2), 5, 200))
     with pytest.raises(DataError, match="data.tokenizer=PATH"):
         build_datasets(compose_config([f"data.prepared={tmp_path / 'web'}"]))
+
+
+def test_token_ids_beyond_the_named_tokenizer_are_refused(tmp_path, tokenizer_file):
+    # A Megatron prefix records no tokenizer, so ids made with a larger vocab fit the dtype and pass the
+    # size checks: data.verify=full reads them all, and the loader checks every sample it hands out.
+    from scaletrain.data.loader import Loader
+    from scaletrain.data.objectives import CLM
+
+    encode(tmp_path / "web", [[[5, 6, 7, 8] * 4], [[9, 10, 700, 11] * 4], [[12, 13, 14, 15] * 4]])
+    overrides = [f"data.prepared={tmp_path / 'web'}", f"data.tokenizer={tokenizer_file}", "data.val_fraction=0.3"]
+    with pytest.raises(DataError, match=r"web.bin holds token id 700, outside the 512 tokens of .*data.tokenizer=PATH"):
+        build_datasets(compose_config(overrides + ["data.verify=full"]))
+    train = build_datasets(compose_config(overrides)).train
+    loader = Loader(train, CLM(), 31, 1, 1)
+    with pytest.raises(DataError, match="web.bin holds token id 700 at token 18, outside the vocabulary of 512"):
+        next(loader)

@@ -3,13 +3,14 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scaletrain.data import streaming
 from scaletrain.data.corpus import load_corpus
-from scaletrain.data.prepare import open_prepared, prepare
+from scaletrain.data.prepare import open_prepared, prepare, staging_dir
 from scaletrain.data.tokenizer import train_tokenizer
 
 WORDS = "streams shards tokens workers resume journal bytes corpus epoch order".split()
@@ -61,10 +62,65 @@ def test_dedup_drops_exact_duplicates_and_counts_them(tmp_path, tokenizer):
     assert sum(s["documents"] for s in metadata["splits"].values()) == unique
 
 
+def test_a_dedup_prepare_killed_after_committing_its_hashes_resumes_exactly(tmp_path, tokenizer, monkeypatch):
+    # Every file repeats documents of the one before, so a digest committed for a file the journal does not
+    # count yet would drop that file's documents as duplicates on the resume.
+    (tmp_path / "in").mkdir()
+    texts = documents(11, 140)
+    for index in range(6):
+        part = texts[20 * index:20 * index + 40]
+        (tmp_path / "in" / f"{index}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    corpus = load_corpus(str(tmp_path / "in"))
+    reference = prepare(corpus, tokenizer, tmp_path / "whole", num_workers=0, progress=False, dedup=True)
+    assert reference["duplicates"] == 100
+    monkeypatch.setattr(streaming, "_JOURNAL_BYTES", 0)
+    journals, write = [], streaming.atomic_write_text
+
+    def killed_at_the_third_journal(path, text):
+        if path.name == streaming.JOURNAL and len(journals) == 2:
+            raise KeyboardInterrupt  # the hashes of file 2 are committed, the journal still says 2 files
+        journals.append(path)
+        write(path, text)
+
+    monkeypatch.setattr(streaming, "atomic_write_text", killed_at_the_third_journal)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=0, progress=False, dedup=True)
+    monkeypatch.setattr(streaming, "atomic_write_text", write)
+    metadata = prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=0, progress=False, dedup=True)
+    assert (metadata["duplicates"], metadata["splits"], metadata["files"]) == (
+        reference["duplicates"], reference["splits"], reference["files"])
+
+
+def test_the_dedup_hashes_do_not_grow_this_process_memory(tmp_path):
+    import hashlib
+    import itertools
+    import tracemalloc
+
+    seen = streaming.SeenDigests(tmp_path / streaming.DEDUP_HASHES, None)
+    digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(50_000)]
+    tracemalloc.start()
+    try:
+        kept = sum(seen.add(digest) for digest in itertools.chain(digests, digests[:1000]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seen.close()
+    assert kept == 50_000
+    assert peak < 100_000  # a set of the same digests takes ~4 MB; SQLite's page cache is outside Python's heap
+
+
+def folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
 def test_a_killed_prepare_resumes_after_its_finished_files(tmp_path, tokenizer, monkeypatch):
     write_files(tmp_path / "in", 200, ("gz", "zst"))
     reference = prepare(load_corpus(str(tmp_path / "in")), tokenizer, tmp_path / "whole", num_workers=2,
                         progress=False)
+    # The folder held an older prepare (of the first file): it must stay whole until the new one is done.
+    prepare(load_corpus(str(tmp_path / "in" / "0.jsonl.gz")), tokenizer, tmp_path / "resumed", num_workers=0,
+            progress=False)
+    old = folder_bytes(tmp_path / "resumed")
     monkeypatch.setattr(streaming, "_JOURNAL_BYTES", 0)  # a durable point after every file
     corpus = load_corpus(str(tmp_path / "in"))
     opened, read_file = [], corpus._read_file
@@ -78,17 +134,48 @@ def test_a_killed_prepare_resumes_after_its_finished_files(tmp_path, tokenizer, 
     corpus._read_file = killed_at_the_fifth_file
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=2, progress=False)
-    assert not (tmp_path / "resumed" / "metadata.json").exists()
-    assert (tmp_path / "resumed" / streaming.JOURNAL).exists()
+    assert folder_bytes(tmp_path / "resumed") == old
+    assert open_prepared(tmp_path / "resumed").metadata["splits"] != reference["splits"]
+    assert (staging_dir(tmp_path / "resumed") / streaming.JOURNAL).exists()
     opened.clear()
     metadata = prepare(corpus, tokenizer, tmp_path / "resumed", num_workers=2, progress=False)
     assert opened == ["4.jsonl.gz", "5.jsonl.zst"]  # the four finished files were not read again
     assert metadata["splits"] == reference["splits"]
+    assert metadata["files"] == reference["files"]  # the resumed writers hashed what they kept
+    assert sorted(metadata["files"]) == ["train.bin", "train.idx", "validation.bin", "validation.idx"]
     whole, resumed = open_prepared(tmp_path / "whole"), open_prepared(tmp_path / "resumed")
     for split in ("train", "validation"):
         assert np.array_equal(getattr(whole, split).tokens, getattr(resumed, split).tokens)
         assert np.array_equal(getattr(whole, split).offsets, getattr(resumed, split).offsets)
     assert not list((tmp_path / "resumed").glob("*.partial")) and not (tmp_path / "resumed" / streaming.JOURNAL).exists()
+    assert not staging_dir(tmp_path / "resumed").exists()
+
+
+def test_a_prepare_killed_between_its_two_renames_is_finished_by_the_next(tmp_path, tokenizer, monkeypatch):
+    write_files(tmp_path / "in", 20, ("plain",))
+    out = tmp_path / "out"
+    prepare(load_corpus(str(tmp_path / "in" / "0.jsonl")), tokenizer, out, num_workers=0, progress=False)
+    old = folder_bytes(out)
+    corpus = load_corpus(str(tmp_path / "in"))
+    replace, renames = os.replace, []
+
+    def killed_after_the_first_folder_rename(source, target):
+        if Path(source) == out:  # the old folder moves aside; a kill now leaves no <out> at all
+            replace(source, target)
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first_folder_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tokenizer, out, num_workers=0, progress=False)
+    monkeypatch.setattr(os, "replace", replace)
+    assert not out.exists() and staging_dir(out).is_dir()
+    read_file = corpus._read_file
+    corpus._read_file = lambda path, report: renames.append(path) or read_file(path, report)
+    metadata = prepare(corpus, tokenizer, out, num_workers=0, progress=False)
+    assert renames == []  # the complete staging folder was swapped in, not prepared again
+    assert folder_bytes(out) != old and open_prepared(out).metadata == metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "in", "out"]
 
 
 def _worker_facts(_):

@@ -105,3 +105,32 @@ def test_model_vocab_is_checked_and_padded(tokenizers, caplog):
     assert check_vocab(model, tokenizer, tp=4) == 1024  # a multiple of 128 x tp
     assert "padding rows" in caplog.text
     assert np.all(tokenizer.word_start_table()[tokenizer.special_mask()])
+
+
+def test_a_tokenizer_trains_on_the_corpus_streamed_not_held_in_memory(tmp_path, monkeypatch):
+    import itertools
+
+    from scaletrain.configs.schema import DataConfig
+    from scaletrain.data import prepare
+    from scaletrain.data.corpus import Corpus, split_documents
+
+    read = []
+
+    def documents():
+        for index, text in enumerate(TEXTS[:200]):
+            read.append(index)
+            yield text
+
+    corpus = Corpus("stream", "f" * 64, documents)
+    read_when_training_began = []
+
+    def spy(kind, texts, vocab):
+        texts = iter(texts)
+        first = next(texts)
+        read_when_training_began.append(len(read))
+        return train_tokenizer(kind, itertools.chain([first], texts), vocab)
+
+    monkeypatch.setattr(prepare, "train_tokenizer", spy)
+    streamed = prepare.tokenizer_from_config(DataConfig(cache_dir=str(tmp_path), tokenizer_vocab=512), corpus)
+    assert read_when_training_began[0] <= 3 and len(read) == 200  # a document or two ahead, not the corpus
+    assert streamed.hash == train_tokenizer("byte_bpe", split_documents(corpus, 0.02)[0], 512).hash
