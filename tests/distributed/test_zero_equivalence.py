@@ -11,7 +11,7 @@ from scaletrain.models.registry import load_model_config
 from scaletrain.parallel.equivalence import run_layout, run_layouts_on_rank
 from scaletrain.parallel.multiprocess import run_on_ranks
 
-MODELS = {"gpt": "gpt_tiny", "bert": "bert_tiny", "t5": "t5_tiny"}
+MODELS = {"gpt": "gpt_tiny", "bert": "bert_tiny", "t5": "t5_tiny", "xlnet": "xlnet_tiny"}
 
 
 @functools.lru_cache(maxsize=None)
