@@ -508,6 +508,8 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
                f"trainer.micro_batch={t.micro_batch} must be even")
         _check(not p.sequence_parallel, "parallel.sequence_parallel is not supported for family xlnet; set it false")
         _check(p.tp == 1, "family xlnet has no tensor-parallel plan yet; set parallel.tp=1")
+        _check(p.pp == 1, "family xlnet has no pipeline plan yet (two streams and the memory between stages); "
+                          "set parallel.pp=1")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")
