@@ -507,7 +507,6 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
         _check(not p.sequence_parallel, "parallel.sequence_parallel is not supported for family xlnet; set it false")
-        _check(p.tp == 1, "family xlnet has no tensor-parallel plan yet; set parallel.tp=1")
         _check(p.pp == 1, "family xlnet has no pipeline plan yet (two streams and the memory between stages); "
                           "set parallel.pp=1")
     if m.position == "learned":

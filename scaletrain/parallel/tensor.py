@@ -8,7 +8,9 @@ Megatron's layout on the contract's module names (docs/contracts.md), model code
 - token / position / token-type embeddings are vocab-parallel (rows sharded; DTensor masks out-of-range
   ids and all-reduces), the LM head is column-parallel with vocab-sharded logits left as DTensors for
   the vocab-parallel cross-entropy (parallel/loss.py), so the full (B, T, V) logits never exist on one rank;
-- the T5 relative bias table (buckets, n_heads) is sharded by heads, like the attention it feeds.
+- the T5 relative bias table (buckets, n_heads) is sharded by heads, like the attention it feeds; so are
+  XLNet's relative-position projection (r_proj, column-parallel) and its per-head biases and segment
+  embeddings (r_w_bias, r_r_bias, r_s_bias (H, Dh), seg_embed (2, H, Dh)).
 Sequence parallel: inside each layer stack the residual stream is a DTensor sharded on the sequence dim
 (B, T/tp, D); norms (and dropout) run on the shards; attention and MLP inputs are all-gathered. The stack
 input is split (no communication) and its output all-gathered, so embeddings, final norms and heads see a
@@ -28,6 +30,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, R
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.models.blocks import Attention, Block
+from scaletrain.models.xlnet import RelativeAttention
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,11 @@ def _block_plan(prefix: str, block: nn.Module, sequence_parallel: bool) -> Plan:
     for attn_name in ("attn", "cross_attn"):
         if getattr(block, attn_name, None) is None:
             continue
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            plan[f"{prefix}.{attn_name}.{proj}"] = ColwiseParallel()
+        for proj in ("q_proj", "k_proj", "v_proj", "r_proj"):  # r_proj: XLNet's relative-position keys
+            if getattr(getattr(block, attn_name), proj, None) is not None:
+                plan[f"{prefix}.{attn_name}.{proj}"] = ColwiseParallel()
+        if isinstance(getattr(block, attn_name), RelativeAttention):
+            plan[f"{prefix}.{attn_name}"] = HeadShardedParameters(XLNET_HEAD_PARAMETERS)
         plan[f"{prefix}.{attn_name}.out_proj"] = RowwiseParallel(output_layouts=residual,
                                                                  use_local_output=not sequence_parallel)
         if sequence_parallel:
@@ -188,6 +194,34 @@ class HeadShardedTable(ParallelStyle):
         return module
 
 
+XLNET_HEAD_PARAMETERS = {"r_w_bias": 0, "r_r_bias": 0, "r_s_bias": 0, "seg_embed": 1}  # name -> heads dim
+
+
+class HeadShardedParameters(ParallelStyle):
+    """Per-head parameters of a module (name -> its heads dim) become DTensors sharded on heads; the forward
+    sees the local (.., H/tp, ..) pieces, matching the H/tp heads of the column-parallel projections."""
+
+    def __init__(self, heads_dims: dict[str, int]):
+        self.heads_dims = heads_dims
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        for name, dim in self.heads_dims.items():
+            setattr(module, name, nn.Parameter(distribute_tensor(getattr(module, name), device_mesh, [Shard(dim)])))
+        compute = type(module).forward
+
+        def local_forward(*args, **kwargs):
+            sharded = {name: module._parameters[name] for name in self.heads_dims}
+            for name, parameter in sharded.items():
+                module._parameters[name] = parameter.to_local()  # differentiable: grads land in the shard
+            try:
+                return compute(module, *args, **kwargs)
+            finally:
+                module._parameters.update(sharded)
+
+        module.forward = local_forward
+        return module
+
+
 def _relative_bias_plan(prefix: str, bias: nn.Module) -> Plan:
     if isinstance(bias, nn.Embedding):
         return {prefix: ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1))}
@@ -227,7 +261,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     # offset RNG gives each shard its own piece of one global mask, a CPU mesh needs a stream per rank.
     residual_streams = sequence_parallel and tp_mesh.device_type == "cpu"
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, RelativeAttention)):
             module.dropout_stream = tp_mesh.get_local_rank() + 1
         if isinstance(module, Block) and residual_streams:
             module.dropout_stream = tp_mesh.get_local_rank() + 1
