@@ -106,7 +106,8 @@ def shard_problem(directory: Path, metadata: dict, verify: str) -> Optional[str]
         path, is_tokens = directory / name, name.endswith(".bin")
         checksum, bad = scan_file(path, dtype=dtype, vocab_size=metadata["vocab_size"] if is_tokens else None)
         if name in files and checksum.hexdigest() != files[name][CHECKSUM]:
-            return f"{path} does not match its checksum in metadata.json (changed after prepare: overwritten or damaged)"
+            return (f"{path} does not match its checksum in metadata.json (changed after prepare: overwritten "
+                    f"or damaged)")
         if bad is not None:
             return (f"{path} holds token id {bad}, outside the vocabulary of {metadata['vocab_size']} tokens "
                     f"(damaged, or not made with this folder's tokenizer)")

@@ -3,7 +3,8 @@
 Documents stream from one input file at a time (corpus.units()), go to train or validation by the hash
 of their text, and travel in ~32 KB chunks to tokenizer worker processes with a bounded number in flight,
 so memory holds a few chunks per worker whatever the corpus size (with --dedup, the content hashes
-live in an SQLite table on disk: memory adds its bounded page cache). The writers append to `.partial` files and spill document lengths to disk.
+live in an SQLite table on disk: memory adds its bounded page cache). The writers append to `.partial`
+files and spill document lengths to disk.
 
 Every so often, at the end of an input file, everything in flight is written, the writers are fsynced,
 and `progress.json` records how far the output is durable (files done, tokens and documents per split).

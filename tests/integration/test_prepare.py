@@ -167,7 +167,8 @@ def test_checksums_catch_a_shard_overwritten_at_the_same_size(tmp_path, tokenize
     prepare_cli(*args)
     vocab = json.loads((out / "metadata.json").read_text())["vocab_size"]
     code, line = check(out, capsys)
-    assert code == 0 and line.startswith(f"{out}: ok, 4 files match their checksums and every token id is below {vocab}")
+    assert code == 0 and line.startswith(f"{out}: ok, 4 files match their checksums and every token id is below "
+                                         f"{vocab}")
     tokens = np.fromfile(out / "train.bin", np.uint16)
     tokens[100:110] = tokens[200:210]  # in-range ids at the same size: only a checksum can tell
     tokens.tofile(out / "train.bin")
@@ -199,11 +200,12 @@ def test_out_of_range_token_ids_and_folders_without_checksums(tmp_path, tokenize
     tokens[5] = 65535
     tokens.tofile(out / "train.bin")
     code, line = check(out, capsys)
-    assert code == 2 and f"train.bin holds token id 65535, outside the vocabulary of {metadata['vocab_size']} tokens" in line
+    vocab = metadata["vocab_size"]
+    assert code == 2 and f"train.bin holds token id 65535, outside the vocabulary of {vocab} tokens" in line
     data = open_prepared(out)  # data.verify=size opens it; the loader refuses the sample before the model sees it
     loader = Loader(data.train, CLM(), 8, 1, 1)
     loader.consumed_samples = int(np.flatnonzero(loader.permutation(0) == 0)[0])  # the sample holding token 5
-    with pytest.raises(DataError, match=f"train.bin holds token id 65535 at token 5, outside the vocabulary of {metadata['vocab_size']}"):
+    with pytest.raises(DataError, match=f"train.bin holds token id 65535 at token 5, outside the vocabulary of {vocab}"):
         next(loader)
     from scaletrain.cli import main
     assert main(["data", "prepare", "--corpus", "builtin"]) == 2
