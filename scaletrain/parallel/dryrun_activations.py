@@ -141,8 +141,8 @@ def _materialize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # family -> the block kinds its layer stacks run: (stack name, cross-attends to an encoder output)
 BLOCK_KINDS = {"gpt": (("layers", False),), "bert": (("layers", False),),
-               "encdec": (("encoder", False), ("decoder", True))}
-CAUSAL_STACKS = {"gpt": ("layers",), "bert": (), "encdec": ("decoder",)}
+               "encdec": (("encoder", False), ("decoder", True)), "xlnet": (("layers", False),)}
+CAUSAL_STACKS = {"gpt": ("layers",), "bert": (), "encdec": ("decoder",), "xlnet": ()}
 
 
 def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, stack: str, cross: bool) -> Measured:
@@ -154,6 +154,8 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
     from scaletrain.parallel.checkpointing import apply_activation_checkpointing
     from scaletrain.parallel.tensor import _block_plan
 
+    if model_cfg.family == "xlnet":
+        return _xlnet_block(cfg, model_cfg, dims)
     sp = cfg.parallel.sequence_parallel and dims.tp_enabled
     b, s, d, tp = cfg.trainer.micro_batch, cfg.trainer.seq_len, model_cfg.d_model, dims.tp
     holder = nn.Module()
@@ -187,10 +189,48 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
     return forward_backward_bytes(holder, run)
 
 
+def _xlnet_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -> Measured:
+    """XLNet's block takes both streams, the relative positions, two masks and the target mapping, which
+    only the model builds: its bytes are a one-layer model's minus the same model's without the layer."""
+    from scaletrain.parallel.checkpointing import apply_activation_checkpointing
+
+    one = _run_model(cfg, model_cfg, dims, apply_activation_checkpointing(
+        build_model_meta(_one_layer(model_cfg)), cfg.trainer.activation_checkpointing))
+    ends = _run_model(cfg, model_cfg, dims, _without_layers(build_model_meta(_one_layer(model_cfg))))
+    return Measured(one.kept - ends.kept, max(one.transient, ends.transient))
+
+
+def build_model_meta(model_cfg: ModelConfig) -> nn.Module:
+    from scaletrain.models.registry import build_model
+
+    return build_model(model_cfg, "meta")
+
+
+def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, model: nn.Module) -> Measured:
+    """A whole (small) model run as the trainer runs it without pp: forward, loss, backward."""
+    from scaletrain.models.registry import get_spec
+    from scaletrain.parallel import loss_context
+    from scaletrain.train.precision import autocast
+
+    model = _prepared(model, cfg, dims)
+    batch = family_batch(model_cfg, cfg, cfg.trainer.micro_batch, cfg.trainer.seq_len)
+    inputs = {k: batch[k] for k in get_spec(model_cfg.family).input_keys if k in batch}
+
+    def run():
+        with loss_context(dims), autocast(cfg.precision, "cpu"):
+            return _loss(model_cfg, model(**inputs), batch)
+
+    return forward_backward_bytes(model, run)
+
+
 # ---------------------------------------------------------------------------------------------- model ends
 
 def family_batch(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, seq: int) -> dict:
     """One micro-batch as the family's objective feeds it (labels included)."""
+    if model_cfg.family == "xlnet":
+        from scaletrain.data.objectives import synthetic_plm_batch
+
+        return synthetic_plm_batch(batch, seq, model_cfg.vocab_size, 0)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq))
     out = {"input_ids": ids, "labels": torch.randint(0, model_cfg.vocab_size, (batch, seq))}
     if model_cfg.family == "bert":  # MLM scores data.mlm_probability of the positions
@@ -253,14 +293,7 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     batch = family_batch(model_cfg, cfg, b, s)
     context = lambda: autocast(cfg.precision, "cpu")  # noqa: E731
     if not dims.pp_enabled:
-        model = _prepared(_without_layers(build_model(small, "meta")), cfg, dims)
-        keys = get_spec(model_cfg.family).input_keys
-
-        def run_model():
-            with loss_context(dims), context():
-                return _loss(model_cfg, model(**{k: batch[k] for k in keys if k in batch}), batch)
-
-        return Measured(0.0, 0.0), forward_backward_bytes(model, run_model)
+        return Measured(0.0, 0.0), _run_model(cfg, model_cfg, dims, _without_layers(build_model(small, "meta")))
     n_enc = 1 if model_cfg.family == "encdec" else 0
     n_total = 1 + n_enc
     kwargs = {k: batch[k] for k in STAGE_KWARGS[model_cfg.family] if k in batch}

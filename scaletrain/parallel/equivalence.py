@@ -77,7 +77,9 @@ def make_batch(model_cfg: ModelConfig, spec: RunSpec, step: int) -> dict:
     if model_cfg.family == "gpt":
         return {"input_ids": ids(B, T), "labels": labels(B, T, keep=0.9)}
     if model_cfg.family == "xlnet":  # the permutation LM's own batches (perm_mask, target_mapping)
-        return _plm_batch(B, T, V, int(torch.randint(0, 2**31, (1,), generator=g)))
+        from scaletrain.data.objectives import synthetic_plm_batch
+
+        return synthetic_plm_batch(B, T, V, int(torch.randint(0, 2**31, (1,), generator=g)))
     mask = torch.ones(B, T, dtype=torch.long)
     mask[0, T - 2:] = 0  # one padded sequence exercises the attention mask
     if model_cfg.family == "bert":
@@ -86,18 +88,6 @@ def make_batch(model_cfg: ModelConfig, spec: RunSpec, step: int) -> dict:
                 "next_sentence_label": torch.randint(0, 2, (B,), generator=g)}
     return {"input_ids": ids(B, T), "attention_mask": mask, "decoder_input_ids": ids(B, T),
             "labels": labels(B, T, keep=0.9)}
-
-
-def _plm_batch(batch: int, seq_len: int, vocab: int, seed: int) -> dict:
-    import numpy as np
-
-    from scaletrain.data.objectives import PLM
-
-    special = np.zeros(vocab, dtype=bool)
-    special[:2] = True
-    objective, rng = PLM(sep_id=0, cls_id=1, special=special), np.random.default_rng(seed)
-    rows = [objective(rng.integers(2, vocab, objective.window_length(seq_len)), rng) for _ in range(batch)]
-    return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
 
 
 def _local_rows(batch: dict, dims: ParallelDims) -> dict:

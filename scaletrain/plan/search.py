@@ -88,12 +88,13 @@ def enumerate_layouts(request: PlanRequest) -> Iterator[Layout]:
     layers = total_layers(cfg)
     node = request.devices_per_node
     fixed = request.fixed
+    layered = cfg.family != "xlnet"  # XLNet has no pipeline or sequence-parallel plan (configs/schema.py)
     for tp in _divisors(min(node, n)):
         if cfg.n_heads % tp or cfg.ffn_dim % tp:
             continue
         for pp in _divisors(n // tp):
             dp = n // (tp * pp)
-            if layers % pp or request.global_batch % dp:
+            if layers % pp or request.global_batch % dp or (pp > 1 and not layered):
                 continue
             per_rank = request.global_batch // dp
             virtuals = [v for v in (1, 2, 4) if pp > 1 and layers % (pp * v) == 0] or [1]
@@ -104,7 +105,7 @@ def enumerate_layouts(request: PlanRequest) -> Iterator[Layout]:
                         continue
                     for zero in (range(4) if dp > 1 else (0,)):
                         for recompute in RECOMPUTE_MODES:
-                            for sp in ((False, True) if tp > 1 and request.seq_len % tp == 0 else (False,)):
+                            for sp in ((False, True) if tp > 1 and request.seq_len % tp == 0 and layered else (False,)):
                                 layout = Layout(tp, pp, dp, v, zero, b, recompute, sp,
                                                 "interleaved_1f1b" if v > 1 else "1f1b")
                                 if all(getattr(layout, k) == val for k, val in fixed.items()):
