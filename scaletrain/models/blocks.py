@@ -25,9 +25,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # T5: no mean subtraction, no bias; the variance is taken in fp32 even under bf16/fp16.
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(weight.dtype)
+    # T5: no mean subtraction, no bias; the variance is taken in fp32 even under bf16/fp16. One fp32 copy
+    # serves both uses, so autograd keeps one (B, T, D) fp32 tensor for backward instead of two.
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(weight.dtype)
 
 
 def activation(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -170,6 +170,7 @@ class DryRunResult:
 def dry_run(cfg: TrainConfig, activations: bool = True) -> DryRunResult:
     """Builds this rank's shard under a fake process group, measures it, and compares with the formulas."""
     import torch.distributed as dist
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     world, rank = cfg.dry_run.world_size, cfg.dry_run.rank
@@ -192,6 +193,9 @@ def dry_run(cfg: TrainConfig, activations: bool = True) -> DryRunResult:
         result.text = format_report(cfg, dims, model, result, built)
     finally:
         dist.destroy_process_group()
+        # DTensor's sharding caches compare meshes by value: a later dry run in this process would get output
+        # specs whose mesh names the process groups just destroyed
+        _clear_sharding_prop_cache()
     return result
 
 
@@ -205,7 +209,7 @@ def _microbatches(cfg: TrainConfig, dims: ParallelDims) -> int:
 
 def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: MemoryReport, sizes, microbatches: int,
              activations: bool) -> DryRunResult:
-    from scaletrain.parallel.dryrun_activations import measure_rank_activations
+    from scaletrain.parallel.dryrun_activations import measure_rank_activations, scored_positions
     from scaletrain.plan.memory import (accumulation_bytes, fsdp_gather_bytes, rank_state_elements, stage_memory,
                                         stage_tensors)
 
@@ -219,10 +223,11 @@ def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: M
     model_cfg = model.stages[0].cfg if getattr(model, "stages", None) else model.cfg
     result.activations = measure_rank_activations(cfg, model_cfg, dims, model, microbatches)
     elements = rank_state_elements(cfg.model, layout, pp_rank, dims.tp_rank, shard_index(dims))
+    seq = cfg.trainer.seq_len
+    scored = 1.0 if dims.pp_enabled else scored_positions(cfg, seq) / seq  # BERT's MLM head without pp
     # the planner for the kernels the CPU ran: float dropout masks, SDPA's math path (s x s) with dropout
-    result.planner = stage_memory(cfg.model, layout, cfg.trainer.seq_len, microbatches * dims.dp_size *
-                                  layout.micro_batch, pp_rank, cfg.precision, cfg.model.attn_dropout > 0,
-                                  elements, device="cpu")
+    result.planner = stage_memory(cfg.model, layout, seq, microbatches * dims.dp_size * layout.micro_batch, pp_rank,
+                                  cfg.precision, cfg.model.attn_dropout > 0, elements, device="cpu", scored=scored)
     result.fsdp_buffers = (accumulation_bytes(layout, measured.full_elements, microbatches, cfg.precision)
                            + fsdp_gather_bytes(layout, measured.full_elements,
                                                sum(result.activations.layers.values()), cfg.precision))

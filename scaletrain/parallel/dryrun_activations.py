@@ -8,11 +8,12 @@ first stage's embeddings, the last stage's head and loss: BERT's MLM / NSP heads
 runs each one's forward and backward on one micro-batch. What autograd keeps after the forward is the
 module's share of the activations; the largest live total during its backward, less that, is the transient.
 
-A block's kept bytes count its output (the next block's saved input) and not its input, so blocks and ends
-add up without counting a tensor twice. The stages' per-micro-batch totals are then replayed through the
-schedule's own action lists (torch's pipeline IR, all ranks): a forward adds its stage's activations, a
-full backward frees them; zero-bubble schedules split the backward, and the activations are freed at the
-weight half (W), which still needs the inputs of the matmuls. The peak of that replay is the rank's."""
+A block's kept bytes are what its forward adds to its inputs (its output, the next block's input, stands in
+for the input it frees), so it counts its input only when it keeps it and blocks add up without counting a
+tensor twice. The stages' per-micro-batch totals are then replayed through the schedule's own action lists (torch's pipeline IR, all ranks): a forward adds
+its stage's activations, a full backward frees them; zero-bubble schedules split the backward, and the
+activations are freed at the weight half (W), which still needs the inputs of the matmuls. The peak of
+that replay is the rank's."""
 
 from __future__ import annotations
 
@@ -97,20 +98,28 @@ class Measured:
     transient: float  # the backward's largest live total beyond `kept`
 
 
-def forward_backward_bytes(module: nn.Module, run) -> Measured:
-    """run() -> the outputs (or loss) of one forward of `module`; then backward from them."""
+def forward_backward_bytes(module: nn.Module, run, marginal: bool = False) -> Measured:
+    """run(mark) -> the outputs (or loss) of one forward of `module`; then backward from them. marginal: run
+    calls mark() once, midway, and `kept` is only what the forward adds after it."""
     params = list(module.parameters())
     with LiveStorages(params) as tracker:
-        outputs = run()
+        marks = []
+
+        def mark():
+            gc.collect()
+            marks.append(tracker.live_bytes())
+
+        outputs = run(mark)
         gc.collect()  # reference cycles (DTensor / autograd internals) are not kept for backward
-        kept = tracker.live_bytes()
-        tracker.track_peak, tracker.peak = True, kept
+        live = tracker.live_bytes()
+        tracker.track_peak, tracker.peak = True, live
         tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         locals_ = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
         torch.autograd.backward(locals_, [torch.ones_like(t) for t in locals_])
         peak = tracker.peak
     del outputs, tensors, locals_
-    return Measured(float(kept), float(max(peak - kept, 0)))
+    assert len(marks) == (1 if marginal else 0)
+    return Measured(float(live - (marks[0] if marginal else 0)), float(max(peak - live, 0)))
 
 
 def _materialize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -146,13 +155,17 @@ CAUSAL_STACKS = {"gpt": ("layers",), "bert": (), "encdec": ("decoder",), "xlnet"
 
 
 def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, stack: str, cross: bool) -> Measured:
-    """One block of `stack`, parallelized and checkpointed as training does, on one micro-batch."""
+    """One block of `stack`, parallelized and checkpointed as training does, on one micro-batch. Its inputs are
+    made inside the measurement, before the mark, so it counts its input only when it keeps it (LayerNorm
+    does; T5's torch RMSNorm keeps an fp32 copy instead), and the tensors every block of a stack shares (the
+    encoder output a decoder block cross-attends to, T5's bias) not at all, even when it takes views of them."""
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     from scaletrain.models.blocks import Attention, Block, attention_bias
     from scaletrain.parallel.checkpointing import apply_activation_checkpointing
     from scaletrain.parallel.tensor import _block_plan
+    from scaletrain.train.precision import autocast
 
     if model_cfg.family == "xlnet":
         return _xlnet_block(cfg, model_cfg, dims)
@@ -169,24 +182,24 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
     apply_activation_checkpointing(holder, cfg.trainer.activation_checkpointing)
     dtype = PRECISION_DTYPES[cfg.precision]
     holder = _materialize(holder, dtype)
-    block = holder.layers["0"]
-    x = torch.randn(b, s // tp if sp else s, d, dtype=dtype, requires_grad=True)  # this rank's residual stream
-    stream = DTensor.from_local(x, dims.tp_mesh, [Shard(1)], run_check=False) if sp else x
     causal = stack in CAUSAL_STACKS[model_cfg.family]
-    bias = None
+    shared = dict(is_causal=causal)  # referenced after the forward too: in the mark and after it, so not counted
     if model_cfg.position == "relative":  # T5: the stack's (1, H/tp, T, T) bias, made once per stack
         heads = model_cfg.n_heads // tp
-        bias = attention_bias(None, causal, s, s, dtype, "cpu", torch.zeros(1, heads, s, s, dtype=dtype))
-    kwargs = dict(bias=bias, is_causal=causal)
-    if cross:  # the encoder output every decoder block attends to (replicated, even under sp)
-        kwargs["memory"] = torch.randn(b, s, d, dtype=dtype, requires_grad=True)
-    from scaletrain.train.precision import autocast
+        shared["bias"] = attention_bias(None, causal, s, s, dtype, "cpu", torch.zeros(1, heads, s, s, dtype=dtype))
 
-    def run():
+    leaf = torch.randn(b, s // tp if sp else s, d, dtype=dtype, requires_grad=True)  # this rank's residual stream
+
+    def run(mark):
+        if cross:  # the encoder output every decoder block attends to (replicated, even under sp)
+            shared["memory"] = torch.randn(b, s, d, dtype=dtype, requires_grad=True)
+        x = leaf.clone()  # not a leaf: the graph keeps a leaf alive (AccumulateGrad) even when no op saves it
+        stream = DTensor.from_local(x, dims.tp_mesh, [Shard(1)], run_check=False) if sp else x
+        mark()
         with autocast(cfg.precision, "cpu"):
-            return block(stream, **kwargs)
+            return holder.layers["0"](stream, **shared)
 
-    return forward_backward_bytes(holder, run)
+    return forward_backward_bytes(holder, run, marginal=True)
 
 
 def _xlnet_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -> Measured:
@@ -216,7 +229,7 @@ def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, mod
     batch = family_batch(model_cfg, cfg, cfg.trainer.micro_batch, cfg.trainer.seq_len)
     inputs = {k: batch[k] for k in get_spec(model_cfg.family).input_keys if k in batch}
 
-    def run():
+    def run(mark):
         with loss_context(dims), autocast(cfg.precision, "cpu"):
             return _loss(model_cfg, model(**inputs), batch)
 
@@ -224,6 +237,10 @@ def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, mod
 
 
 # ---------------------------------------------------------------------------------------------- model ends
+
+def scored_positions(cfg: TrainConfig, seq: int) -> int:
+    return max(1, round(cfg.data.mlm_probability * seq))
+
 
 def family_batch(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, seq: int) -> dict:
     """One micro-batch as the family's objective feeds it (labels included)."""
@@ -234,8 +251,7 @@ def family_batch(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, seq: int)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq))
     out = {"input_ids": ids, "labels": torch.randint(0, model_cfg.vocab_size, (batch, seq))}
     if model_cfg.family == "bert":  # MLM scores data.mlm_probability of the positions
-        every = max(1, round(1 / cfg.data.mlm_probability))
-        out["labels"][:, torch.arange(seq) % every != 0] = -100
+        out["labels"][:, scored_positions(cfg, seq):] = -100
         if model_cfg.type_vocab_size:
             out["token_type_ids"] = torch.zeros_like(ids)
         if model_cfg.nsp_head:
@@ -278,9 +294,10 @@ def _loss(model_cfg: ModelConfig, outputs, batch: dict):
 
 
 def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -> tuple[Measured, Measured]:
-    """(the first stage's embeddings, the last stage's head + loss), each without any layer. Without pp both
-    ends are one zero-layer model run as the trainer runs it (BERT's head then scores only the MLM positions);
-    with pp they are zero-layer stage modules run as the schedule runs them."""
+    """(the first stage's embeddings, the last stage's head + loss), each without any layer. Without pp a GPT
+    or BERT has both ends in one zero-layer model run as the trainer runs it (BERT's head then scores only the
+    MLM positions); otherwise they are zero-layer stage modules run as the schedule runs them (a zero-layer
+    encoder-decoder would drop T5's relative bias, which every layer keeps)."""
     from scaletrain.models.registry import build_model, get_spec
     from scaletrain.parallel import loss_context
     from scaletrain.parallel.pipeline import STAGE_KWARGS
@@ -292,14 +309,14 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     small = _one_layer(model_cfg)
     batch = family_batch(model_cfg, cfg, b, s)
     context = lambda: autocast(cfg.precision, "cpu")  # noqa: E731
-    if not dims.pp_enabled:
+    if not dims.pp_enabled and model_cfg.family != "encdec":
         return Measured(0.0, 0.0), _run_model(cfg, model_cfg, dims, _without_layers(build_model(small, "meta")))
     n_enc = 1 if model_cfg.family == "encdec" else 0
     n_total = 1 + n_enc
     kwargs = {k: batch[k] for k in STAGE_KWARGS[model_cfg.family] if k in batch}
     first = _prepared(build_stage_module(build_model(small, "meta"), StagePlan(0, 2, 0, 0, n_enc)), cfg, dims)
 
-    def run_first():
+    def run_first(mark):
         with context():
             return first(batch["input_ids"], **kwargs)
 
@@ -309,7 +326,7 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     if model_cfg.family == "encdec" and model_cfg.position == "relative":  # dec_bias (1, H/tp, T, T)
         stream.append(torch.zeros(1, model_cfg.n_heads // dims.tp, s, s, dtype=dtype, requires_grad=True))
 
-    def run_last():
+    def run_last(mark):
         with loss_context(dims), context():
             return _loss(model_cfg, last(*stream, **kwargs), batch)
 

@@ -8,7 +8,8 @@ Three parts, each from a paper:
     with tensor parallelism, /t on all of it with sequence parallelism; selective recompute drops the
     5as/h term and full recompute keeps only the layer input, 2sbh;
   * the pipeline: under 1F1B the first stage holds pp micro-batches in flight, and the interleaved
-    schedule multiplies that by (1 + (pp-1)/(pp*v)) (Korthikanti et al. 2022, sec. 4.2.3).
+    schedule multiplies that by (1 + (pp-1)/(pp*v)) (Korthikanti et al. 2022, sec. 4.2.3); the other
+    schedules and later ranks in in_flight_on_rank.
 
 The parameter inventory lists every tensor with its shape and the dimension tensor parallelism shards, so the
 per-rank counts are exact (they are checked against the dry run's real DTensor shards)."""
@@ -327,7 +328,8 @@ def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, 
                            head_dim: Optional[int] = None, gated: bool = False, dropout: bool = True,
                            scores_stored: bool = True, value_bytes: int = 2, cross_attention: bool = False,
                            selective_policy: str = "korthikanti", mask_bytes: int = 1,
-                           sp_keeps_gathered_inputs: bool = False) -> float:
+                           sp_keeps_gathered_inputs: bool = False, ffn_kept: Optional[int] = None,
+                           norm_bytes: Optional[float] = None, math_fp32: bool = False) -> float:
     """Bytes one transformer layer keeps for backward, for one micro-batch (Korthikanti et al. 2022, sec. 4.1).
 
     With the defaults (ffn = 4h, dropout, attention scores materialized, 16-bit values) this is exactly
@@ -340,25 +342,32 @@ def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, 
     of the matmuls and attention kernels and recomputes every element-wise op.
     mask_bytes: 1 for CUDA's fused dropout (bool masks), value_bytes on CPU (a float mask times the input).
     sp_keeps_gathered_inputs: under SP, Megatron keeps only the sequence shard of the attention/MLP inputs and
-    redoes the all-gather in backward (Korthikanti's /t); DTensor's ColwiseParallel keeps the gathered input."""
+    redoes the all-gather in backward (Korthikanti's /t); DTensor's ColwiseParallel keeps the gathered input.
+    ffn_kept: (B, T, ffn) tensors the MLP keeps (ffn_tensors; default 2, 3 when gated). norm_bytes: bytes per
+    element each norm keeps (default value_bytes: its input; see norm_kept_bytes). math_fp32: the CPU's math
+    attention (scores_stored) upcasts 16-bit inputs, so it keeps Q, K, V, the scores and their dropout mask
+    and output in fp32."""
     s, b, h, a, t = seq, micro_batch, hidden, heads, tp
     ffn = ffn or 4 * h
     inner = a * (head_dim or h // a)
     mask = mask_bytes if dropout else 0  # CUDA's fused dropout keeps bool masks; CPU keeps them in the value dtype
+    norm = value_bytes if norm_bytes is None else norm_bytes
     sbh = s * b * h
-    # Replicated on every TP rank unless SP shards them over the sequence: the two norm inputs, the
-    # attention input, the MLP input (each one value) and two dropout masks.
-    replicated = sbh * (4 * value_bytes + 2 * mask)
-    # Split over heads / FFN columns: Q, K, V, the attention context, and the activation's input and output
-    # (3 tensors when gated: up, gate and act(gate)).
-    split = s * b * (4 * inner + (3 if gated else 2) * ffn) * value_bytes / t
+    # Replicated on every TP rank unless SP shards them over the sequence: what the two norms keep (their
+    # inputs), the attention input, the MLP input (each one value) and two dropout masks.
+    replicated = sbh * (2 * norm + 2 * value_bytes + 2 * mask)
+    # Split over heads / FFN columns: Q, K, V, the attention context, and the MLP's (B, T, ffn) tensors.
+    ffn_kept = (3 if gated else 2) if ffn_kept is None else ffn_kept
+    core = 4 if math_fp32 and scores_stored else value_bytes  # bytes of what the attention core keeps
+    qkv_context = inner * (3 * core + value_bytes)  # per token; the context goes back to 16 bits for out_proj
+    split = s * b * (qkv_context + ffn_kept * ffn * value_bytes) / t
     # Softmax output, plus with dropout its mask and its output (5as²b at 2 bytes); a fused kernel keeps
     # only an fp32 log-sum-exp per row.
-    per_score = value_bytes + (mask + value_bytes if dropout else 0)
+    per_score = core + ((core if math_fp32 else mask) + core if dropout else 0)
     scores = (a * s * s * b * per_score if scores_stored else a * s * b * 4) / t
     if cross_attention:  # norm input, query, context, mask, plus K/V of the encoder states
-        replicated += sbh * (2 * value_bytes + mask)
-        split += s * b * 4 * inner * value_bytes / t
+        replicated += sbh * (norm + value_bytes + mask)
+        split += s * b * qkv_context / t
         scores *= 2
     if sequence_parallel:
         gathered = 2 * sbh * value_bytes  # attention and MLP inputs after the all-gather
@@ -405,19 +414,36 @@ class MemoryEstimate:
 
 
 def in_flight_microbatches(layout: Layout, microbatches: int) -> float:
-    """Micro-batches whose activations the first stage holds at its peak, in units of its whole share of layers:
-    pp under 1F1B, times (1 + (pp-1)/(pp*v)) when interleaved; never more than there are micro-batches."""
-    if layout.pp == 1:
-        return 1.0
-    factor = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.pp_virtual)) if layout.pp_virtual > 1 else layout.pp
-    return min(factor, microbatches)
+    """Micro-batches whose activations the first stage holds at its peak (in_flight_on_rank of rank 0)."""
+    return in_flight_on_rank(layout, 0, microbatches)
+
+
+def ffn_tensors(activation: str, fused: bool) -> int:
+    """(B, T, ffn) tensors the MLP (models/blocks.py) keeps for backward: GELU its input and its output (fc_out's
+    input); ReLU only its output, which its backward reads (no fused ReLU kernel, so on every device); gated:
+    the gate, the up projection and their product, and on the torch path gelu(gate) too (the Triton
+    gated_gelu recomputes it from the gate)."""
+    if activation == "relu":
+        return 1
+    if activation == "gated_gelu" and not fused:
+        return 4
+    return 3 if activation.startswith("gated") else 2
+
+
+def norm_kept_bytes(norm: str, value_bytes: int, fused: bool) -> float:
+    """Bytes per element one norm keeps: LayerNorm and the fused RMSNorm keep their input; the torch RMSNorm
+    (models/blocks.rms_norm) keeps an fp32 copy of its input and the normalized value instead."""
+    return 4 + value_bytes if norm == "rmsnorm" and not fused else value_bytes
 
 
 def activation_kwargs(cfg: ModelConfig, precision: str, scores_stored: bool, device: str = "cuda") -> dict:
-    value_bytes = 4 if precision == "fp32" else 2
-    return dict(mask_bytes=value_bytes if device == "cpu" else 1, ffn=cfg.ffn_dim, head_dim=cfg.head_dim, gated=cfg.activation.startswith("gated"),
-                dropout=cfg.dropout > 0 or cfg.attn_dropout > 0, scores_stored=scores_stored,
-                value_bytes=value_bytes, selective_policy="matmul_outputs", sp_keeps_gathered_inputs=True)
+    """device "cpu": the torch kernels (what the dry run measures); otherwise the fused (Triton) ones."""
+    value_bytes, fused = 4 if precision == "fp32" else 2, device != "cpu"
+    return dict(mask_bytes=value_bytes if device == "cpu" else 1, ffn=cfg.ffn_dim, head_dim=cfg.head_dim,
+                gated=cfg.activation.startswith("gated"), dropout=cfg.dropout > 0 or cfg.attn_dropout > 0,
+                scores_stored=scores_stored, value_bytes=value_bytes, selective_policy="matmul_outputs",
+                sp_keeps_gathered_inputs=True, ffn_kept=ffn_tensors(cfg.activation, fused),
+                norm_bytes=norm_kept_bytes(cfg.norm, value_bytes, fused), math_fp32=device == "cpu")
 
 
 def accumulation_bytes(layout: Layout, full_elements: int, microbatches: int, precision: str) -> float:
@@ -443,17 +469,31 @@ def fsdp_gather_bytes(layout: Layout, full_elements: float, layers: int, precisi
 
 
 def in_flight_on_rank(layout: Layout, stage: int, microbatches: int) -> float:
-    """Micro-batches of activations pp rank `stage` holds at its peak, in units of its whole share of layers."""
-    if stage == 0:
-        return in_flight_microbatches(layout, microbatches)
-    return max(1.0, min(layout.pp - stage, microbatches))
+    """Micro-batches of activations pp rank `stage` holds at its peak, in units of its whole share of layers,
+    as torch's schedules order them (the dry run replays their action lists, tests/distributed/test_dryrun.py
+    compares): GPipe and looped BFS run every forward before any backward; 1F1B holds pp - stage; interleaved
+    1F1B Korthikanti's pp (1 + (pp-1)/(pp v)) on rank 0 (sec. 4.2.3) and 2/v fewer on each later rank; the
+    zero-bubble schedules pp on every rank (interleaved_zb, ZB-V: Qi et al. 2024), DualPipeV pp + 1/2."""
+    pp, v, schedule = layout.pp, layout.pp_virtual, layout.schedule
+    if pp == 1:
+        return 1.0
+    if schedule in ("gpipe", "looped_bfs"):
+        held = microbatches
+    elif schedule == "1f1b":
+        held = pp - stage
+    elif schedule == "interleaved_1f1b":
+        held = pp * (1 + (pp - 1) / (pp * v)) - 2 * stage / v
+    else:
+        held = pp + (0.5 if schedule == "dualpipev" else 0.0)
+    return max(1.0, min(held, microbatches))
 
 
 def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, precision: str,
-                           scores_stored: bool, device: str) -> tuple:
+                           scores_stored: bool, device: str, scored: float = 1.0) -> tuple:
     """(kept activations of one micro-batch on pp rank `stage`, the largest transient in its backward):
     its layers (encoder and cross-attending decoder blocks apart), the embedding output when it holds the
-    first stage, the logits and their fp32 copy for the loss when it holds the last."""
+    first stage, the logits and their fp32 copy for the loss when it holds the last. scored: the share of
+    positions BERT's MLM head runs on (the labelled ones when the model sees the labels: no pp)."""
     kwargs = activation_kwargs(cfg, precision, scores_stored, device)
     value_bytes = kwargs["value_bytes"]
     b, t, sp = layout.micro_batch, layout.tp, layout.sequence_parallel
@@ -474,21 +514,31 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
     first = layout.pp == 1 or 0 in owned[stage]
     last = layout.pp == 1 or len(plans) - 1 in owned[stage]
     mask = kwargs["mask_bytes"] if cfg.dropout > 0 else 0
-    if first:  # embedding output (+ dropout mask) of each stream
+    if first:  # embedding output (+ dropout mask, + the embedding norm's input) of each stream
         streams = 2 if cfg.family == "encdec" else 1
-        kept += streams * sbh * (value_bytes + mask)
+        kept += streams * sbh * (value_bytes + mask + (kwargs["norm_bytes"] if cfg.embedding_norm else 0))
+        if cfg.position == "relative":  # per stack: T5's (1, H/t, T, T) bias, which every layer keeps, and
+            kept += streams * seq * seq * (cfg.n_heads / t * value_bytes + 8)  # its int64 bucket ids
     if last:
-        # the head's normed input and the vocab-sharded logits the cross-entropy keeps (Korthikanti's 4sbv/t
-        # at 16 bits); in backward their gradient and the loss's fp32 copy
-        logits = seq * b * cfg.padded_vocab_size(t) / t
-        kept += sbh * value_bytes + logits * value_bytes
+        # the head's input (an LM head's normed input; BERT's MLM transform keeps its input, the dense and
+        # GELU outputs and the normed output, on the `scored` share of the positions) and the vocab-sharded
+        # logits the loss keeps: the fused loss (tp 1) its 16-bit input, the vocab-parallel one (DTensor,
+        # tp > 1) the fp32 log-softmax of its shard; in backward their gradient and the loss's fp32 copy
+        rows = seq * b * (scored if cfg.family == "bert" else 1.0)
+        logits = rows * cfg.padded_vocab_size(t) / t
+        kept += rows * cfg.d_model * value_bytes * (4 if cfg.family == "bert" else 1)
+        kept += logits * (4 if t > 1 else value_bytes)
+        if cfg.final_norm and cfg.norm == "rmsnorm" and device == "cpu":  # the torch RMSNorm's own tensors
+            kept += sbh * kwargs["norm_bytes"]
+        if cfg.position == "relative":  # T5 drops out after the final norm
+            kept += sbh * mask
         transient = max(transient, logits * (value_bytes + 4))
     return kept, transient
 
 
 def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, stage: int,
                  precision: str = "bf16", scores_stored: bool = False,
-                 elements: Optional[tuple] = None, device: str = "cuda") -> MemoryEstimate:
+                 elements: Optional[tuple] = None, device: str = "cuda", scored: float = 1.0) -> MemoryEstimate:
     """Peak memory of the rank at dp/tp index 0 of pp rank `stage` (ceil-sized shards: the largest).
     scores_stored=False models a fused (flash) attention kernel, which keeps a log-sum-exp per row instead of
     the s x s scores. `elements` (rank_state_elements of this stage) may be passed in by callers that cache it."""
@@ -496,7 +546,7 @@ def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, 
     full = stage_parameters(cfg, layout, stage)
     p, g, o = model_state_bytes(elements, precision)
     microbatches = global_batch // (layout.dp * layout.micro_batch)
-    kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device)
+    kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device, scored)
     activations = kept * in_flight_on_rank(layout, stage, microbatches)
     buffers = (transient + accumulation_bytes(layout, full, microbatches, precision)
                + fsdp_gather_bytes(layout, full, sum(rank_layers(cfg, layout, stage)), precision))

@@ -14,7 +14,8 @@ critical path and the pipeline bubble.
     ELEMENTWISE_PASSES times over HBM bandwidth.
   * Data parallelism: a ring all-reduce of the gradients, 2(d-1)/d of their bytes per device, partly
     overlapped with the last micro-batch's backward. Ranks are ordered tp (fastest), dp, pp, so dp crosses
-    nodes once tp·dp exceeds a node.
+    nodes once tp·dp exceeds a node. ZeRO-2/3 (FSDP) reduce-scatter once per step, pp or not, and add the
+    parameter all-gathers that recur per micro-batch (see step_time).
 """
 
 from __future__ import annotations
@@ -159,15 +160,23 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, global_b
     dp_gbps = cluster.intra_node_gbps if t * dp <= gpus_per_node else cluster.inter_node_gbps
     dp_comm = ring_allreduce_s(grads, dp, dp_gbps)
     overlappable = per_microbatch_compute * 2 / 3  # the last micro-batch's backward
-    if layout.zero >= 3:
-        # 16-bit parameters all-gathered for every micro-batch: in forward and again in backward (resharded
-        # after forward). Under pp torch's schedules keep them unsharded after each backward
-        # (reshard_after_backward=False), so only the backward's gather recurs per micro-batch. The gradient
-        # reduce-scatter runs once per step either way: the trainer and the schedules (REDUCE_GRAD) turn
-        # gradient sync off until the last micro-batch, so its volume is the one all-reduce-sized term above.
+    if layout.zero >= 2:
+        # FSDP reduce-scatters the gradients once per step, with or without pp: the trainer, and torch's
+        # schedules through their REDUCE_GRAD action, turn gradient sync off until the last micro-batch, so
+        # no micro-batch reduces on its own. The ring term above is that reduce-scatter plus one all-gather of
+        # the parameters. The 16-bit all-gathers recur: without pp FSDP reshards after every backward, so
+        # ZeRO-2 regathers in each forward and ZeRO-3 (resharded after forward too) in each forward and
+        # backward; under pp the schedules keep the parameters unsharded after each backward
+        # (reshard_after_backward=False), so ZeRO-2 gathers once per step and ZeRO-3 once in the first
+        # forward and once per micro-batch's backward.
+        if layout.zero == 3:
+            gathers = microbatches + 1 if pp > 1 else 2 * microbatches
+        else:
+            gathers = 1 if pp > 1 else microbatches
         gather = ring_allreduce_s(grads * value_bytes / grad_reduce_bytes, dp, dp_gbps) / 2
-        dp_comm += microbatches * (1 if pp > 1 else 2) * gather
-        overlappable = per_microbatch_compute * microbatches
+        dp_comm += (gathers - 1) * gather
+        if gathers > 1:  # prefetched behind the previous layer's compute
+            overlappable = per_microbatch_compute * microbatches
     exposed = dp_comm - min(dp_overlap * dp_comm, overlappable)
     return TimeEstimate(compute_s=microbatches * per_microbatch_compute,
                         tp_comm_s=microbatches * tp_per_microbatch, pp_comm_s=microbatches * pp_per_microbatch,

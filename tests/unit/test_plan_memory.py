@@ -95,3 +95,17 @@ def test_activation_formula_within_10_percent_of_measured_at_tp2(sequence_parall
         predicted = layer_activation_bytes(64, 4, cfg.d_model, cfg.n_heads, 2, sequence_parallel, mode,
                                            **activation_kwargs(cfg, "fp32", scores_stored=False, device="cpu"))
         assert measured == [pytest.approx(predicted, rel=0.10)] * 2, mode
+
+
+@pytest.mark.parametrize("activation", ["relu", "gated_gelu"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_t5_style_layer_formula_within_10_percent_of_measured_on_cpu(activation, dropout):
+    """The torch RMSNorm keeps an fp32 copy and the normalized value, not its input; ReLU keeps only its
+    output, the torch gated GELU four (B, T, ffn) tensors."""
+    cfg = dataclasses.replace(load_model_config("gpt_tiny"), d_model=64, n_heads=4, max_seq_len=64, dropout=dropout,
+                              attn_dropout=dropout, kernels="torch", norm="rmsnorm", bias=False,
+                              activation=activation)
+    measured = layer_bytes(cfg, "none", batch=4, seq=64)
+    predicted = layer_activation_bytes(64, 4, cfg.d_model, cfg.n_heads, 1, False, "none",
+                                       **activation_kwargs(cfg, "fp32", scores_stored=dropout > 0, device="cpu"))
+    assert predicted == pytest.approx(measured, rel=0.10)
