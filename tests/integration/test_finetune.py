@@ -7,6 +7,7 @@ import json
 import pytest
 
 from scaletrain.checkpoint.manager import read_manifest
+from scaletrain.cli import main
 from scaletrain.data.tasks import read_label_file
 from scaletrain.parallel.multiprocess import run_on_ranks
 from train_utils import make_trainer, stop_after, task_overrides, write_topic_task
@@ -106,3 +107,15 @@ def test_keep_best_keeps_the_best_checkpoint_besides_the_last(tmp_path, topic_ta
     assert kept == sorted({f"step-{best_step:06d}", "step-000040"}), (kept, accuracies)
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["best_val_accuracy"] == best and final["best_step"] == best_step
+
+
+@pytest.mark.parametrize("record, extra, message", [
+    ({"text": "a", "y": 1}, [], "has no field 'label'"),
+    ({"text": "a", "label": "p"}, ["parallel.pp=2", "launcher.nproc_per_node=2"], "needs parallel.pp=1"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, record, extra, message):
+    (tmp_path / "task.jsonl").write_text(json.dumps(record) + "\n")
+    task = tmp_path / "task.jsonl"
+    code = main(["train", *task_overrides("gpt", task, task, "model=gpt_tiny", *extra), f"hydra.run.dir={tmp_path}"])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and len(error.strip().splitlines()) == 1, error
