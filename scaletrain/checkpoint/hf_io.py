@@ -198,8 +198,8 @@ def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
     for role in ("bos", "eos", "mask"):
         if role in HF_TOKEN_ROLES[flavour] and tokenizer.role_id(role) is not None:
             setattr(config, f"{role}_token_id", tokenizer.role_id(role))
-    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating
-        config.pad_token_id = None
+    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating; a classifier finds its last token by it
+        config.pad_token_id = tokenizer.pad_id if cfg.num_labels else None
     if flavour == "t5":  # the t5_span objective starts the decoder with pad, bart_denoise with eos
         config.decoder_start_token_id = cfg.pad_token_id
     if flavour == "bart":
@@ -212,15 +212,19 @@ def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
 
 
 def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, max_shard_size: str = "5GB",
-                    dtype: Optional[torch.dtype] = None) -> Path:
+                    dtype: Optional[torch.dtype] = None, id2label: Optional[dict[int, str]] = None) -> Path:
     """Our (single-process) model + tokenizer -> a Hugging Face folder, written next to `out` and renamed into
-    place, so a failed export never leaves a half folder under that name."""
+    place, so a failed export never leaves a half folder under that name. `id2label`: a classifier's label
+    names (a finetuning checkpoint's labels.json)."""
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
     hf_model = hf.to_hf_model(model)
     if dtype is not None:
         hf_model.to(dtype)
+    if id2label and len(id2label) == model.cfg.num_labels:  # regression keeps transformers' default LABEL_0
+        hf_model.config.id2label = dict(id2label)
+        hf_model.config.label2id = {name: i for i, name in id2label.items()}
     _set_special_token_ids(hf_model, tokenizer, model.cfg)
     partial = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(partial, ignore_errors=True)

@@ -14,7 +14,7 @@ from train_utils import make_trainer, stop_after, task_overrides, write_topic_ta
 
 FAMILIES = {  # BERT's post-LN stack with its tanh pooler needs a larger step to move in 40 steps
     "gpt": ["model=gpt_tiny"], "bert": ["model=bert_tiny", "optim.lr=1e-2"],
-    "t5": ["model=t5_tiny", "data.tokenizer_type=unigram"],
+    "t5": ["model=t5_tiny", "data.tokenizer_type=unigram", "model.pooler=true"],  # export needs HF's pooled head
     "bart": ["model=bart_tiny", "data.tokenizer_type=bart_bpe", "model.pooler=true"]}
 
 
@@ -119,3 +119,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, record, extra, messag
     code = main(["train", *task_overrides("gpt", task, task, "model=gpt_tiny", *extra), f"hydra.run.dir={tmp_path}"])
     error = capsys.readouterr().err
     assert code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+
+
+ROBERTA = ["model.positions_from_padding=true", "model.type_vocab_size=1", "model.position_offset=2",
+           "model.pad_token_id=1", "model.nsp_head=false", "data.tokenizer_type=bart_bpe"]
+
+
+@pytest.mark.parametrize("family, extra", [*((family, []) for family in FAMILIES), ("bert", ROBERTA)])
+def test_export_gives_a_sequence_classifier_with_equal_logits(tmp_path, topic_task, family, extra):
+    import torch
+    import transformers
+
+    trainer = make_trainer(tmp_path / "run", _overrides(family, topic_task, "trainer.max_steps=4", *extra))
+    trainer.train()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model.config.id2label == {0: "food", 1: "music", 2: "sports"}
+    batch = {k: torch.from_numpy(v[:8]) for k, v in trainer.data.validation.arrays.items()}
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model.classify(**{k: v for k, v in batch.items() if k != "labels"})
+        theirs = hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # frames a text as we do
+    length = int(batch["attention_mask"][0].sum())
+    text = topic_task[1].read_text().splitlines()[0]
+    encoded = tokenizer(json.loads(text)["text"], truncation=True, max_length=batch["input_ids"].shape[1])
+    assert encoded["input_ids"] == batch["input_ids"][0, :length].tolist()
