@@ -334,7 +334,7 @@ class TrainerConfig:
     micro_batch: int = 8  # sequences per forward pass on one rank
     seq_len: int = 128
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # LM objectives; a data.task evaluation scores every validation record
     log_every: int = 10
     grad_clip: float = 1.0
     activation_checkpointing: str = "none"  # none | full | selective

@@ -126,3 +126,9 @@ def test_validation_batches_cover_every_record_once_over_dp_ranks():
     regression = LabelledSet("v", {"input_ids": np.zeros((3, 4), np.int64), "labels": np.ones(3, np.float32)}, 4)
     last = list(validation_batches(regression, micro_batch=2))[-1]["labels"]
     assert last[0] == 1 and torch.isnan(last[1])
+
+
+def test_the_finetune_experiment_passes_every_config_check():
+    cfg = compose_config(["experiment=finetune_classification"])
+    validate_cross_fields(cfg, world_size=1)
+    assert (cfg.data.task, cfg.data.train_files, cfg.checkpoint.keep_best) == ("classification", "builtin", "val_accuracy")
