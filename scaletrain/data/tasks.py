@@ -60,8 +60,15 @@ class Record:
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def _rows(path: Path, split: str, decode_errors: str) -> Iterator[tuple[str, dict]]:
     """(where, record as a dict) for one file or saved `datasets` folder."""
+    try:
+        yield from _file_rows(path, split, decode_errors)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8; re-encode it as UTF-8 or set data.decode_errors=replace") from None
+
+
+def _file_rows(path: Path, split: str, decode_errors: str) -> Iterator[tuple[str, dict]]:
     if path.is_dir():
         yield from _dataset_rows(path, split)
         return
@@ -75,7 +82,7 @@ def _rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
         for row, record in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path} row {row}", record
         return
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors=decode_errors) as handle:
         if kind != "jsonl":  # the header names the fields; line numbers count it
             for line, record in enumerate(csv.DictReader(handle, delimiter="," if kind == "csv" else "\t"), 2):
                 yield f"{path}:{line}", record
@@ -128,7 +135,7 @@ def read_records(spec: str, data_cfg, split: str) -> list[Record]:
     pair_field = data_cfg.text_pair_field
     records = []
     for path in files:
-        for where, row in _rows(path, split):
+        for where, row in _rows(path, split, data_cfg.decode_errors):
             records.append(Record(_field(where, row, data_cfg.text_field, "text_field", True),
                                   _field(where, row, pair_field, "text_pair_field", True) if pair_field else None,
                                   _field(where, row, data_cfg.label_field, "label_field", False), where))

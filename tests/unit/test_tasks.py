@@ -84,6 +84,12 @@ def test_bad_task_input_is_one_line(tmp_path, train, validation, extra, message)
     assert "\n" not in str(error.value)
 
 
+def test_undecodable_file_is_one_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "a"}\n')
+    with pytest.raises(DataError, match="not UTF-8.*data.decode_errors=replace"):
+        read_records(str(tmp_path / "bad.jsonl"), DataConfig(task="classification", train_files="x"), "train")
+
+
 def test_config_refusals():
     with pytest.raises(ConfigError, match="needs labelled records"):
         compose_config(["data.task=classification"])
