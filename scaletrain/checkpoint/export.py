@@ -33,9 +33,11 @@ def export_checkpoint(source: str | Path, out: str | Path, max_shard_size: str =
                       dtype: Optional[torch.dtype] = None) -> Path:
     from scaletrain.inference.load import load_model
 
+    from scaletrain.data.tasks import read_label_file
+
     loaded = load_model(source)
     folder = write_hf_folder(loaded.model, loaded.tokenizer, out, model_max_length(loaded.model_cfg, loaded.source),
-                             max_shard_size, dtype)
+                             max_shard_size, dtype, id2label=read_label_file(loaded.source))
     log.info("exported %s to %s", loaded.source, folder)
     return folder
 

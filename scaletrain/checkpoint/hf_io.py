@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from scaletrain.configs.schema import ModelConfig
+from scaletrain.data.tokenizer import family_flavour, family_post_processor
 from scaletrain.errors import CheckpointError
 from scaletrain.models import hf
 
@@ -173,49 +174,14 @@ def full_state_from_hf(source: HFSource) -> dict[str, torch.Tensor]:
 HF_TOKEN_ROLES = {"gpt": ("bos", "eos", "unk", "pad"), "bert": ("unk", "sep", "pad", "cls", "mask"),
                   "t5": ("eos", "unk", "pad"), "bart": ("bos", "eos", "unk", "pad", "cls", "sep", "mask"),
                   "roberta": ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
-# the tokens the post-processor puts around the inputs
-REQUIRED_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep")}
-
-
-def _flavour(cfg: ModelConfig) -> str:
-    if cfg.family == "encdec":
-        return "t5" if cfg.position == "relative" else "bart"
-    if cfg.family == "bert" and cfg.positions_from_padding:
-        return "roberta"
-    return cfg.family
-
-
-def _post_processor(tokenizer, flavour: str):
-    """Adds what the objective trained with: [CLS] a [SEP] (b [SEP]) for BERT, <s> a </s> (</s> b </s>)
-    for RoBERTa and BART, a </s> (b </s>) for T5; GPT-2's tokenizer adds nothing."""
-    from tokenizers.processors import TemplateProcessing
-
-    missing = [role for role in REQUIRED_ROLES[flavour] if tokenizer.role_id(role) is None]
-    if missing:
-        raise CheckpointError(f"the run's tokenizer has no {missing[0]} token, which a {flavour} tokenizer adds "
-                              f"around its inputs; train with a tokenizer that has it")
-    if flavour == "gpt":
-        return None
-    if flavour == "t5":
-        eos = tokenizer.role_token("eos")
-        return TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
-                                  special_tokens=[(eos, tokenizer.role_id("eos"))])
-    cls, sep = tokenizer.role_token("cls"), tokenizer.role_token("sep")
-    specials = [(cls, tokenizer.role_id("cls")), (sep, tokenizer.role_id("sep"))]
-    if flavour == "bert":
-        return TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-                                  special_tokens=specials)
-    return TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials)
-
-
 def hf_tokenizer(tokenizer, cfg: ModelConfig, model_max_length: int):
     """Our tokenizer as a transformers fast tokenizer with the family's special tokens and post-processor."""
     import transformers
     from tokenizers import Tokenizer as Backend
 
-    flavour = _flavour(cfg)
+    flavour = family_flavour(cfg)
     backend = Backend.from_str(tokenizer.json)
-    processor = _post_processor(tokenizer, flavour)
+    processor = family_post_processor(tokenizer, flavour)
     if processor is not None:
         backend.post_processor = processor
     specials = {f"{role}_token": tokenizer.role_token(role) for role in HF_TOKEN_ROLES[flavour]
@@ -228,12 +194,12 @@ def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
     """config.json and generation_config.json name the run's special tokens (and the decoder's start)."""
     from transformers import GenerationConfig
 
-    flavour, config = _flavour(cfg), hf_model.config
+    flavour, config = family_flavour(cfg), hf_model.config
     for role in ("bos", "eos", "mask"):
         if role in HF_TOKEN_ROLES[flavour] and tokenizer.role_id(role) is not None:
             setattr(config, f"{role}_token_id", tokenizer.role_id(role))
-    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating
-        config.pad_token_id = None
+    if flavour == "gpt":  # GPT-2 pads with end-of-text only when generating; a classifier finds its last token by it
+        config.pad_token_id = tokenizer.pad_id if cfg.num_labels else None
     if flavour == "t5":  # the t5_span objective starts the decoder with pad, bart_denoise with eos
         config.decoder_start_token_id = cfg.pad_token_id
     if flavour == "bart":
@@ -246,15 +212,19 @@ def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:
 
 
 def write_hf_folder(model, tokenizer, out: str | Path, model_max_length: int, max_shard_size: str = "5GB",
-                    dtype: Optional[torch.dtype] = None) -> Path:
+                    dtype: Optional[torch.dtype] = None, id2label: Optional[dict[int, str]] = None) -> Path:
     """Our (single-process) model + tokenizer -> a Hugging Face folder, written next to `out` and renamed into
-    place, so a failed export never leaves a half folder under that name."""
+    place, so a failed export never leaves a half folder under that name. `id2label`: a classifier's label
+    names (a finetuning checkpoint's labels.json)."""
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
     hf_model = hf.to_hf_model(model)
     if dtype is not None:
         hf_model.to(dtype)
+    if id2label and len(id2label) == model.cfg.num_labels:  # regression keeps transformers' default LABEL_0
+        hf_model.config.id2label = dict(id2label)
+        hf_model.config.label2id = {name: i for i, name in id2label.items()}
     _set_special_token_ids(hf_model, tokenizer, model.cfg)
     partial = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(partial, ignore_errors=True)

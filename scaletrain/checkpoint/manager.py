@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -383,16 +384,30 @@ class CheckpointManager:
 
     def _apply_retention(self, written_step: int) -> None:
         """Of this run's verified checkpoints older than the one just written, keep the newest keep - 1
-        (the new one is the keep-th) and every step divisible by keep_every; delete the others. Damaged
+        (the new one is the keep-th), every step divisible by keep_every and the one whose manifest records the
+        best keep_best metric; delete the others. Damaged
         folders, other runs' checkpoints and anything newer are not candidates at all."""
         ours = sorted(step for step in steps_on_disk(self.directory)
                       if step < written_step and self._is_ours_and_verified(self.directory / step_dir_name(step)))
         keep = set(ours[len(ours) - (self.cfg.keep - 1):]) if self.cfg.keep > 1 else set()
         if self.cfg.keep_every > 0:
             keep |= {s for s in ours if s % self.cfg.keep_every == 0}
+        if self.cfg.keep_best:
+            keep.add(self._best_step(ours + [written_step]))
         for step in ours:
             if step not in keep:
                 self._delete(self.directory / step_dir_name(step))
+
+    def _best_step(self, steps: list[int]) -> Optional[int]:
+        """The step whose evaluation (manifest "metrics") was best: lowest val_loss, else highest; the earliest
+        on a tie; None when no checkpoint recorded the metric."""
+        name, sign = self.cfg.keep_best, -1.0 if self.cfg.keep_best == "val_loss" else 1.0
+        scored = []
+        for step in steps:
+            value = (_manifest_or_none(self.directory / step_dir_name(step)) or {}).get("metrics", {}).get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                scored.append((sign * value, -step))
+        return -max(scored)[1] if scored else None
 
     def _is_ours_and_verified(self, path: Path) -> bool:
         manifest = _manifest_or_none(path)

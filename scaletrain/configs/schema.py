@@ -172,6 +172,11 @@ def minimum_tokenizer_vocab(tokenizer_type: str) -> int:
     return 256 + 100 if tokenizer_type == "unigram" else 512
 
 
+TASKS = ("lm", "classification", "regression")
+CLASSIFICATION_METRICS = ("val_accuracy", "val_f1", "val_mcc")
+REGRESSION_METRICS = ("val_pearson", "val_spearman")
+
+
 @dataclass
 class DataConfig:
     corpus: str = "builtin"  # builtin | a path, directory or glob of text/jsonl/parquet files
@@ -203,7 +208,15 @@ class DataConfig:
     plm_max_span: int = 5  # plm: predicted spans are 1..plm_max_span tokens long
     cache_dir: str = "~/.cache/scaletrain"
     num_workers: int = 2
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # documents (or, for a task without validation_files, records) held out
+    # Finetuning (data/tasks.py): lm trains `objective` on the corpus; classification | regression train the
+    # model's head on labelled records of train_files (a JSONL, CSV/TSV with a header or parquet file, a
+    # glob, a saved `datasets` folder, or "builtin": passages of the built-in corpus labelled by their source)
+    task: str = "lm"
+    train_files: str = ""
+    validation_files: str = ""  # "": records of train_files held out by data.val_fraction
+    text_pair_field: str = ""  # the second text of a pair (MNLI, QQP, MRPC); "": single texts
+    label_field: str = "label"
     # How a prepared folder's shards are checked when opened: size (a stat per file) | full (every byte
     # read once against the checksums in metadata.json, and every token id against the vocabulary).
     verify: str = "size"
@@ -222,6 +235,16 @@ class DataConfig:
         _choice("data.verify", self.verify, ("size", "full"))
         _choice("data.tokenizer_type", self.tokenizer_type, ("byte_bpe", "wordpiece", "unigram", "bart_bpe"))
         _choice("data.objective", self.objective, ("clm", "mlm", "span_bert", "t5_span", "bart_denoise", "plm"))
+        _choice("data.task", self.task, TASKS)
+        if self.task == "lm":
+            _check(not self.train_files and not self.validation_files,
+                   "data.train_files / validation_files hold labelled records for data.task=classification or "
+                   "regression; set data.task, or point data.corpus at the text for language modelling")
+        else:
+            _check(bool(self.train_files), f"data.task={self.task} needs labelled records: set data.train_files="
+                                           f"<file, glob or datasets folder> (or builtin)")
+            _check(not self.mixture and not self.prepared, f"data.task={self.task} reads data.train_files; "
+                                                           f"unset data.mixture / data.prepared")
         if self.tokenizer == "train" and not self.prepared:  # known before 25 s of tokenizer training
             minimum = minimum_tokenizer_vocab(self.tokenizer_type)
             _check(self.tokenizer_vocab >= minimum,
@@ -318,7 +341,7 @@ class TrainerConfig:
     micro_batch: int = 8  # sequences per forward pass on one rank
     seq_len: int = 128
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # LM objectives; a data.task evaluation scores every validation record
     log_every: int = 10
     grad_clip: float = 1.0
     activation_checkpointing: str = "none"  # none | full | selective
@@ -348,6 +371,9 @@ class CheckpointConfig:
     async_save: bool = False
     save_final: bool = True
     export_hf: bool = False  # the final checkpoint also as a Hugging Face folder, <run_dir>/hf/step-N
+    # ...plus the checkpoint with the best value of this validation metric (val_loss: lowest; the others:
+    # highest); an evaluation that improves it saves one. "": off
+    keep_best: str = ""
 
     RANGES: ClassVar[Dict[str, str]] = {"every": "[0, inf)", "keep": "[1, inf)", "keep_every": "[0, inf)"}
 
@@ -356,6 +382,7 @@ class CheckpointConfig:
         if self.export_hf and not self.save_final:
             raise ConfigError("checkpoint.export_hf=true exports the final checkpoint, which "
                               "checkpoint.save_final=false skips; set checkpoint.save_final=true")
+        _choice("checkpoint.keep_best", self.keep_best, ("", "val_loss") + CLASSIFICATION_METRICS + REGRESSION_METRICS)
 
 
 @dataclass
@@ -501,8 +528,9 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
            "model.attention=auto or sdpa")
     if p.pp_split is not None:
         check_pp_split(p, layers)
-    _check(p.pp == 1 or m.num_labels == 0, "pipeline parallelism trains the LM objectives; classification "
-           "finetuning (model.num_labels > 0) needs parallel.pp=1")
+    _check(p.pp == 1 or (m.num_labels == 0 and cfg.data.task == "lm"), "pipeline parallelism trains the LM "
+           "objectives; finetuning (data.task=classification|regression, model.num_labels > 0) needs parallel.pp=1")
+    _check_task(cfg)
     if m.family == "xlnet":
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
@@ -512,3 +540,17 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")
+
+
+def _check_task(cfg: TrainConfig) -> None:
+    task, best = cfg.data.task, cfg.checkpoint.keep_best
+    _check(task == "lm" or cfg.model.family != "xlnet", f"data.task={task} is not supported for family xlnet "
+           f"(its summary reads the last position, which right padding fills); use gpt, bert or encdec")
+    _check(task != "regression" or cfg.model.num_labels in (0, 1), f"data.task=regression predicts one number "
+           f"but model.num_labels={cfg.model.num_labels}; set model.num_labels=1 (or 0)")
+    wanted = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS}.get(task, ())
+    _check(best in ("", "val_loss") or best in wanted, f"checkpoint.keep_best={best} is not a metric of "
+           f"data.task={task}; use val_loss" + "".join(f" or {name}" for name in wanted))
+    _check(not best or cfg.trainer.eval_every > 0, f"checkpoint.keep_best={best} needs evaluations; set "
+           f"trainer.eval_every > 0")
+

@@ -99,14 +99,20 @@ def _builtin_sources() -> List[Path]:
 
 
 @functools.lru_cache(maxsize=1)
-def builtin_documents() -> tuple:
-    """pydoc topics (sorted by name), then one document per stdlib module with its docstrings (sorted by
-    path). Parsed with `ast`, never imported, so it is deterministic and has no side effects (~2 MB)."""
+def builtin_sourced_documents() -> tuple:
+    """(source, document): pydoc topics (sorted by name) as "pydoc/<topic>", then one document per stdlib
+    module with its docstrings (sorted by path) as its path under the stdlib ("email/header.py"). Parsed with
+    `ast`, never imported, so it is deterministic and has no side effects (~2 MB)."""
     from pydoc_data.topics import topics
 
-    documents = [topics[name].strip() for name in sorted(topics)]
-    documents += [_module_docstrings(path) for path in _builtin_sources()[1:]]
-    return tuple(document for document in documents if document.strip())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = [(f"pydoc/{name}", topics[name].strip()) for name in sorted(topics)]
+    documents += [(path.relative_to(root).as_posix(), _module_docstrings(path)) for path in _builtin_sources()[1:]]
+    return tuple((source, document) for source, document in documents if document.strip())
+
+
+def builtin_documents() -> tuple:
+    return tuple(document for _, document in builtin_sourced_documents())
 
 
 def _builtin_corpus() -> Corpus:
@@ -120,21 +126,22 @@ def _builtin_corpus() -> Corpus:
 
 # ----------------------------------------------------------------------------- users' files
 
-def resolve_files(spec: str) -> List[Path]:
-    """A file, a directory (recursive, sorted) or a glob -> sorted list of files."""
+def resolve_files(spec: str, option: str = "data.corpus") -> List[Path]:
+    """A file, a directory (recursive, sorted) or a glob -> sorted list of files; `option` names the setting
+    in messages."""
     path = Path(os.path.expanduser(spec))
     if any(char in spec for char in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
-            raise DataError(f"data.corpus glob {spec!r} matches no file; check the pattern")
+            raise DataError(f"{option} glob {spec!r} matches no file; check the pattern")
         return files
     if not path.exists():
-        raise DataError(f"data.corpus path {spec} does not exist; pass an existing file, directory or glob "
-                        f"(or data.corpus=builtin)")
+        raise DataError(f"{option} path {spec} does not exist; pass an existing file, directory or glob "
+                        f"(or {option}=builtin)")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise DataError(f"data.corpus directory {spec} contains no file; add text/jsonl files")
+            raise DataError(f"{option} directory {spec} contains no file; add text/jsonl files")
         return files
     return [path]
 

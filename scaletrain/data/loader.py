@@ -35,6 +35,7 @@ import torch
 
 from scaletrain.data.indexed import IndexedTokens, out_of_range
 from scaletrain.data.mixture import Mixture, MixtureOrder
+from scaletrain.data.tasks import LabelledSet
 from scaletrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class Loader:
 
     def __init__(self, dataset, objective, seq_len: int, global_batch: int, micro_batch: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
-        """`dataset`: IndexedTokens (or MegatronTokens), or a data.mixture.Mixture of several."""
+        """`dataset`: IndexedTokens (or MegatronTokens), a data.mixture.Mixture of several, or a task's
+        data.tasks.LabelledSet."""
         if global_batch % (micro_batch * dp_size) != 0:
             raise DataError(f"trainer.global_batch={global_batch} is not divisible by trainer.micro_batch x dp "
                             f"= {micro_batch} x {dp_size}; change global_batch or micro_batch")
@@ -113,7 +115,9 @@ class Loader:
             self.views = [SampleView(source.train, objective, seq_len, split=f"{source.name} train")
                           for source in self.mixture.sources]
             self.order = MixtureOrder(self.mixture.weights, [v.num_samples for v in self.views], seed)
-        self.view = self.views[0] if self.mixture else SampleView(dataset, objective, seq_len)
+        # a task's LabelledSet is already one example per record; a token stream is cut into windows
+        labelled = isinstance(dataset, LabelledSet)
+        self.view = self.views[0] if self.mixture else dataset if labelled else SampleView(dataset, objective, seq_len)
         self.objective = objective
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed

@@ -235,3 +235,54 @@ def check_vocab(model_cfg, tokenizer: Tokenizer, tp: int = 1) -> int:
              tokenizer.vocab_size, model_cfg.vocab_size, padded, model_cfg.pad_vocab_multiple, tp,
              padded - tokenizer.vocab_size)
     return padded
+
+
+# ----------------------------------------------------------------------------- family templates
+
+# the tokens each family's post-processor puts around its inputs
+TEMPLATE_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep")}
+
+
+def family_flavour(cfg) -> str:
+    """gpt | bert | roberta | t5 | bart: which Hugging Face tokenizer (and template) a model config matches."""
+    if cfg.family == "encdec":
+        return "t5" if cfg.position == "relative" else "bart"
+    if cfg.family == "bert" and cfg.positions_from_padding:
+        return "roberta"
+    return cfg.family
+
+
+def family_post_processor(tokenizer: Tokenizer, flavour: str):
+    """What the objectives train with: [CLS] a [SEP] (b [SEP]) for BERT, <s> a </s> (</s> b </s>) for
+    RoBERTa and BART, a </s> (b </s>) for T5; GPT-2's tokenizer adds nothing (None). Export, inference and
+    the finetuning tasks all frame texts with it."""
+    from tokenizers.processors import TemplateProcessing
+
+    missing = [role for role in TEMPLATE_ROLES[flavour] if tokenizer.role_id(role) is None]
+    if missing:
+        raise DataError(f"the run's tokenizer has no {missing[0]} token, which a {flavour} tokenizer adds around "
+                        f"its inputs; train with a tokenizer that has it")
+    if flavour == "gpt":
+        return None
+    if flavour == "t5":
+        eos = tokenizer.role_token("eos")
+        return TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+                                  special_tokens=[(eos, tokenizer.role_id("eos"))])
+    cls, sep = tokenizer.role_token("cls"), tokenizer.role_token("sep")
+    specials = [(cls, tokenizer.role_id("cls")), (sep, tokenizer.role_id("sep"))]
+    if flavour == "bert":
+        return TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                  special_tokens=specials)
+    return TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials)
+
+
+def framing_backend(tokenizer: Tokenizer, cfg) -> Backend:
+    """A copy of the backend whose post-processor is the tokenizer's own (exported and Hugging Face folders
+    have one), else the family's."""
+    backend = Backend.from_str(tokenizer.json)
+    if backend.post_processor is None:
+        processor = family_post_processor(tokenizer, family_flavour(cfg))
+        if processor is not None:
+            backend.post_processor = processor
+    return backend
+

@@ -19,15 +19,9 @@ MASK_SPELLINGS = ("[MASK]", "<mask>")  # either is accepted whatever the tokeniz
 def input_encoder(loaded) -> Callable[[str], list[int]]:
     """text -> ids through the tokenizer's own post-processor (exported and Hugging Face folders have one),
     else the family's, built as export builds it."""
-    from tokenizers import Tokenizer as Backend
+    from scaletrain.data.tokenizer import framing_backend
 
-    from scaletrain.checkpoint import hf_io
-
-    backend = Backend.from_str(loaded.tokenizer.json)
-    if backend.post_processor is None:
-        processor = hf_io._post_processor(loaded.tokenizer, hf_io._flavour(loaded.model_cfg))
-        if processor is not None:
-            backend.post_processor = processor
+    backend = framing_backend(loaded.tokenizer, loaded.model_cfg)
     return lambda text: backend.encode(text, add_special_tokens=True).ids
 
 

@@ -7,20 +7,9 @@ import torch
 from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import (IGNORE_INDEX, Norm, activation, attention_bias, make_layers, make_norm,
+from scaletrain.models.blocks import (IGNORE_INDEX, Norm, Pooler, activation, attention_bias, make_layers, make_norm,
                                       make_positions, mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
-
-
-class Pooler(nn.Module):
-    """tanh(dense(h[:, 0])): the [CLS] summary NSP and classification read."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x[:, 0]))  # (B, D)
 
 
 class MLMHead(nn.Module):

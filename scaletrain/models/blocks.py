@@ -453,6 +453,18 @@ class Block(nn.Module):
         return x + self.residual_dropout(steps[-1][1](normed))
 
 
+class Pooler(nn.Module):
+    """tanh(dense(h[:, 0])): the [CLS] summary BERT's NSP and classification read; an encoder-decoder's
+    classification head applies it to its final decoder state (Hugging Face's Bart/T5ClassificationHead)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))  # (B, T, D) -> (B, D)
+
+
 def make_layers(cfg: ModelConfig, n_layers: int, cross_attention: bool = False) -> nn.ModuleDict:
     # keyed by str(index): a pipeline stage deletes the others and parameter names never change
     return nn.ModuleDict({str(i): Block(cfg, cross_attention) for i in range(n_layers)})

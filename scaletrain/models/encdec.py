@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from scaletrain.configs.schema import ModelConfig
-from scaletrain.models.blocks import (KVCache, RelativePositionBias, attention_bias, last_token_index, make_layers,
-                                      make_norm, make_positions, mask_backend, position_ids)
+from scaletrain.models.blocks import (KVCache, Pooler, RelativePositionBias, attention_bias, last_token_index,
+                                      make_layers, make_norm, make_positions, mask_backend, position_ids)
 from scaletrain.models.init import init_model_weights
 
 
@@ -79,6 +79,8 @@ class EncoderDecoder(nn.Module):
             self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         else:
             self.final_logits_bias = None
+        self.pooler = Pooler(cfg) if cfg.pooler else None  # with it, the head is Hugging Face's dense-tanh-out_proj
+        self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels > 0 else None
 
     @torch.no_grad()
@@ -117,7 +119,10 @@ class EncoderDecoder(nn.Module):
         memory = self.encode(input_ids, attention_mask)
         x = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)  # (B, T, D)
         last = last_token_index(decoder_attention_mask, x.shape[0], x.shape[1], x.device)
-        return self.classifier(x[torch.arange(x.shape[0], device=x.device), last])  # (B, num_labels)
+        summary = x[torch.arange(x.shape[0], device=x.device), last]  # (B, D)
+        if self.pooler is not None:
+            summary = self.pooler(summary[:, None])
+        return self.classifier(self.dropout(summary))  # (B, num_labels)
 
     def init_weights(self, seed: int = 0) -> None:
         init_model_weights(self, self.cfg, seed)

@@ -26,7 +26,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        self.classifier = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels > 0 else None
+        # P(y | x) = softmax(h_T W_y) (GPT-1, eq. 3): no bias, as Hugging Face's GPT2ForSequenceClassification
+        self.classifier = nn.Linear(cfg.d_model, cfg.num_labels, bias=False) if cfg.num_labels > 0 else None
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ transformers is imported inside functions so `import scaletrain.models` never ne
 
 Supported: GPT2LMHeadModel, OpenAIGPTLMHeadModel (GPT-1), BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM,
 T5ForConditionalGeneration (v1.0: relu, tied head, rescaled decoder output; v1.1: gated-gelu, untied head),
-BartForConditionalGeneration, XLNetLMHeadModel and XLNetForSequenceClassification.
+BartForConditionalGeneration, XLNetLMHeadModel and XLNetForSequenceClassification; for export, a model with a
+classification head as GPT2/Bert/Roberta/Bart/T5ForSequenceClassification.
 
 An architecture is a list of Links, one per Hugging Face tensor, each naming the one or more of our tensors
 it holds. GPT-2 fuses q, k and v into one Conv1D (`c_attn`) whose weight is stored (in, out), the transpose
@@ -13,6 +14,7 @@ under a second key (tied embeddings, the MLM decoder bias) are aliases."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -446,6 +448,64 @@ ADAPTERS = {
 }
 
 
+# ------------------------------------------------------------------------- sequence classification
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    base: str  # the LM class whose backbone links (and config) it reuses
+    prefix: str  # prepended to the base's keys: T5's backbone sits under "transformer."
+    dropped: tuple[str, ...]  # key prefixes of the base's LM head, which the classification class lacks
+    links: list[Link]
+
+
+def _pooled(dense: str, out: str) -> list[Link]:
+    """dense -> tanh -> out: our pooler.dense and classifier (RoBERTa's, BART's and T5's classification head)."""
+    return _module(dense, "pooler.dense") + _module(out, "classifier")
+
+
+CLASSIFIER_HEADS = {
+    "GPT2ForSequenceClassification": ClassifierHead("GPT2LMHeadModel", "", ("lm_head",),
+                                                    _module("score", "classifier", bias=False)),
+    "BertForSequenceClassification": ClassifierHead("BertForMaskedLM", "", ("cls.",),
+                                                    _pooled("bert.pooler.dense", "classifier")),
+    "RobertaForSequenceClassification": ClassifierHead("RobertaForMaskedLM", "", ("lm_head",),
+                                                       _pooled("classifier.dense", "classifier.out_proj")),
+    "BartForSequenceClassification": ClassifierHead("BartForConditionalGeneration", "", ("lm_head", "final_logits"),
+                                                    _pooled("classification_head.dense", "classification_head.out_proj")),
+    "T5ForSequenceClassification": ClassifierHead("T5ForConditionalGeneration", "transformer.", ("lm_head",),
+                                                  _pooled("classification_head.dense", "classification_head.out_proj")),
+}
+
+
+def _classifier_adapter(head: ClassifierHead) -> Adapter:
+    """The base LM class's backbone plus the classification head, for export (an import would lack our LM
+    head's tensors: no `defaults` for them)."""
+    base = ADAPTERS[head.base]
+
+    def config_from_hf(c, tied: bool, hf_class: str) -> dict:
+        fields = base.config_from_hf(c, tied, head.base)
+        gpt = fields["family"] == "gpt"
+        return {**fields, "num_labels": c.num_labels, "pooler": not gpt, "nsp_head": False}
+
+    def config_to_hf(cfg: ModelConfig, hf_class: str):
+        config = base.config_to_hf(cfg, head.base)
+        config.num_labels = cfg.num_labels
+        return config
+
+    def links(cfg: ModelConfig) -> list[Link]:
+        kept = [link for link in base.links(cfg) if not link.hf.startswith(head.dropped)]
+        return [dataclasses.replace(link, hf=head.prefix + link.hf) for link in kept] + head.links
+
+    def aliases(cfg: ModelConfig) -> dict:
+        return {head.prefix + key: head.prefix + value for key, value in base.aliases(cfg).items()
+                if not key.startswith(head.dropped)}
+
+    return Adapter(config_from_hf, config_to_hf, links, aliases, untied_head=False)
+
+
+ADAPTERS.update({name: _classifier_adapter(head) for name, head in CLASSIFIER_HEADS.items()})
+
+
 def _adapter(hf_class: str) -> Adapter:
     if hf_class not in ADAPTERS:
         raise UnsupportedHFModel(f"Hugging Face class {hf_class} is not supported; supported classes: "
@@ -454,7 +514,16 @@ def _adapter(hf_class: str) -> Adapter:
 
 
 def hf_class_for(cfg: ModelConfig) -> str:
-    """The Hugging Face class a config exports to (to_hf_config checks that it can hold it)."""
+    """The Hugging Face class a config exports to (to_hf_config checks that it can hold it): with a
+    classification head (model.num_labels > 0), the family's *ForSequenceClassification."""
+    if cfg.num_labels > 0 and cfg.family != "xlnet":
+        lm_class = hf_class_for(dataclasses.replace(cfg, num_labels=0))
+        head = next((name for name, head in CLASSIFIER_HEADS.items() if head.base == lm_class.replace(
+            "BertForPreTraining", "BertForMaskedLM")), None)
+        if head is None:
+            raise UnsupportedHFModel(f"model {cfg.name}: a classification head on {lm_class} cannot be exported; "
+                                     f"supported: {', '.join(CLASSIFIER_HEADS)}")
+        return head
     if cfg.family == "gpt":
         return "OpenAIGPTLMHeadModel" if cfg.norm_position == "post" else "GPT2LMHeadModel"
     if cfg.family == "bert":
@@ -478,8 +547,10 @@ def _architecture(cfg: ModelConfig) -> dict:
         names += ["relative_buckets", "relative_max_distance"]
     if cfg.positions_from_padding:
         names += ["pad_token_id"]
+    if cfg.num_labels > 0 and cfg.family != "xlnet":  # a classifier reads the pooler (not GPT); NSP is not exported
+        names += ["num_labels"] + ([] if cfg.family == "gpt" else ["pooler"])
     if cfg.family == "bert":
-        names += ["type_vocab_size", "embedding_norm", "nsp_head"]
+        names += ["type_vocab_size", "embedding_norm"] + ([] if cfg.num_labels else ["nsp_head"])
     if cfg.family == "xlnet":
         names += ["attn_type", "bi_data", "clamp_len", "mem_len", "reuse_len", "num_labels"]
     if cfg.family == "encdec":
@@ -497,8 +568,10 @@ def to_hf_config(cfg: ModelConfig):
     found = _architecture(_config_from_hf(hf_config, cfg.tie_embeddings, hf_class))
     for name, value in expected.items():
         if found[name] != value:
+            fix = ("finetune with model.pooler=true (its head is dense + tanh + out_proj)" if name == "pooler"
+                   else f"supported: {', '.join(ADAPTERS)}")
             raise UnsupportedHFModel(f"model {cfg.name}: {name}={value!r} cannot be exported as {hf_class} "
-                                     f"(which has {name}={found[name]!r}); supported: {', '.join(ADAPTERS)}")
+                                     f"(which has {name}={found[name]!r}); {fix}")
     return hf_config
 
 

@@ -47,6 +47,22 @@ def bert_loss(outputs, batch: dict, kernels_choice: str = "auto") -> tuple[torch
     return loss_sum, count
 
 
+def classification_loss(logits: torch.Tensor, batch: dict, kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """classify() logits (B, K) against class ids (B,), -100 ignored (validation padding): summed, counted."""
+    return cross_entropy_sum(logits, batch["labels"], kernels_choice)
+
+
+def regression_loss(predictions: torch.Tensor, batch: dict, kernels_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error of classify()'s one output (B, 1) against float targets (B,), NaN ignored: summed, counted."""
+    labels = batch["labels"]
+    valid = ~labels.isnan()
+    error = torch.where(valid, predictions.squeeze(-1).float() - labels.nan_to_num(), 0.0)  # (B,)
+    return (error * error).sum(), valid.sum()
+
+
+TASK_LOSSES = {"classification": classification_loss, "regression": regression_loss}  # data.task -> loss_fn
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     model_cls: type

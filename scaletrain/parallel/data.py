@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -64,6 +65,8 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, precision: str = "
                     offload_policy=offload_policy)
     else:
         replicate(model, mesh=dims.dp_mesh_flat, mp_policy=mp_policy, offload_policy=offload_policy)
+    if hasattr(model, "classify"):  # finetuning calls classify(), not forward(): it needs the same hooks
+        register_fsdp_forward_method(model, "classify")
     # The trainer divides the summed loss by the global token count (docs/contracts.md), so gradients are
     # summed over dp ranks, not averaged.
     for module in model.modules():

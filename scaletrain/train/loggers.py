@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_METRICS_FILE = "final_metrics.json"
+SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "val_ppl", "val_accuracy", "val_pearson")  # on the progress bar
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +52,7 @@ class MetricLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.bar is not None:
-            shown = {k: record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_ppl") if k in record}
+            shown = {k: record[k] for k in SHOWN if k in record}
             self.bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in shown.items()},
                                  refresh=False)
 

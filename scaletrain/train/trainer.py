@@ -7,6 +7,7 @@ is the exact mean over the global batch whatever the dp size or the accumulation
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from scaletrain.data.objectives import IGNORE_INDEX, build_objective
 from scaletrain.data.prepare import build_datasets
 from scaletrain.data.tokenizer import check_vocab
 from scaletrain.errors import REQUEUE_EXIT_CODE, UserError
-from scaletrain.models.registry import build_model, get_spec
+from scaletrain.models.registry import TASK_LOSSES, build_model, get_spec
 from scaletrain.train import metrics as flops
 from scaletrain.train.loggers import MetricLogger
 from scaletrain.train.optim import build_optimizer
@@ -53,13 +54,15 @@ class TrainState:
     tokens: int = 0  # input tokens consumed, all ranks
     skipped_steps: int = 0  # updates skipped for a non-finite loss or an fp16 overflow
     nonfinite_streak: int = 0  # consecutive non-finite losses
+    best_metric: float = math.nan  # checkpoint.keep_best's best value so far, at step best_step
+    best_step: int = -1
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, float]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         for key, value in state.items():
-            setattr(self, key, int(value))
+            setattr(self, key, type(getattr(self, key))(value))
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -85,8 +88,10 @@ def seed_everything(seed: int) -> None:
 
 
 def count_targets(batch: dict, with_nsp: bool) -> torch.Tensor:
-    """The positions loss_fn scores: labels != -100 (and BERT's NSP labels, one per sequence)."""
-    count = (batch["labels"] != IGNORE_INDEX).sum()
+    """The positions loss_fn scores: labels != -100, regression targets that are not NaN (and BERT's NSP
+    labels, one per sequence)."""
+    labels = batch["labels"]
+    count = (~labels.isnan() if labels.is_floating_point() else labels != IGNORE_INDEX).sum()
     if with_nsp and "next_sentence_label" in batch:
         count = count + (batch["next_sentence_label"] != IGNORE_INDEX).sum()
     return count
@@ -103,16 +108,28 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.rank, self.world_size)
         seed_everything(cfg.seed + self.dims.dp_rank)  # dropout differs across dp ranks, not across tp/pp
 
-        # Data: tokenizer + memory-mapped shards; the loader splits each global batch over dp ranks.
-        self.data = build_datasets(cfg, progress=self.rank == 0)
+        # Data: tokenizer + memory-mapped shards (or a task's labelled records); the loader splits each global
+        # batch over dp ranks.
+        self.task = cfg.data.task if cfg.data.task != "lm" else None
+        if self.task is None:
+            self.data = build_datasets(cfg, progress=self.rank == 0)
+            self.objective = build_objective(cfg.data, self.data.tokenizer, t.seq_len)
+        else:
+            from scaletrain.data.tasks import build_task_data
+
+            self.data = build_task_data(cfg)
+            self.objective = self.data.objective
+            # the head's size comes from the data; the saved config records it (export, load_model read it)
+            cfg = self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                                 num_labels=self.data.num_labels))
         check_vocab(cfg.model, self.data.tokenizer, self.dims.tp)
-        self.objective = build_objective(cfg.data, self.data.tokenizer, t.seq_len)
         self.loader = Loader(self.data.mixture or self.data.train, self.objective, t.seq_len, t.global_batch,
                              t.micro_batch, self.dims.dp_rank, self.dims.dp_size, cfg.seed)
 
         # Model: built on meta, parallelized, then materialized (initialization is layout-independent).
         self.model_cfg = parallel.padded_model_config(cfg.model, self.dims.tp)
         self.spec = get_spec(self.model_cfg.family)
+        self.loss_fn = TASK_LOSSES[self.task] if self.task else self.spec.loss_fn
         self.model = build_model(self.model_cfg, device="meta")
         self.model = parallel.parallelize(self.model, self.dims, cfg)  # pp > 1: this rank's stages only
         parallel.materialize(self.model, self.device, cfg.seed)
@@ -138,6 +155,8 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.losses: list[float] = []  # per-step training loss (tests compare these bitwise)
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
+        self.best_improved = False  # the last evaluation improved checkpoint.keep_best's metric
         self.last_record: dict[str, Any] = {}
         self._targets_checked = False
 
@@ -172,8 +191,14 @@ class Trainer:
 
     def save(self) -> None:
         metadata = {"tokens": self.state.tokens, "config": asdict(self.cfg), "layout": self.dims.describe()}
-        self.checkpoints.save(self.state.step, self.model, self.optimizer, self.stateful(), metadata,
-                              files={TOKENIZER: self.data.tokenizer.json.encode()})
+        if self.last_eval_step == self.state.step:  # keep_best ranks checkpoints by these
+            metadata["metrics"] = dict(self.last_eval)
+        files = {TOKENIZER: self.data.tokenizer.json.encode()}
+        if self.task:
+            from scaletrain.data.tasks import LABELS_FILE
+
+            files[LABELS_FILE] = self.data.label_file()
+        self.checkpoints.save(self.state.step, self.model, self.optimizer, self.stateful(), metadata, files=files)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
@@ -233,10 +258,11 @@ class Trainer:
                 f"run folder (resume=auto, the default) to continue")
 
     def _periodic_save_due(self) -> bool:
-        """Every checkpoint.every steps, but never inside a NaN streak: the last good checkpoint stays."""
+        """Every checkpoint.every steps and after an evaluation that improved checkpoint.keep_best's metric,
+        but never inside a NaN streak: the last good checkpoint stays."""
         every, step = self.cfg.checkpoint.every, self.state.step
-        return (every > 0 and step % every == 0 and step < self.total_steps
-                and self.state.nonfinite_streak == 0)
+        due = (every > 0 and step % every == 0) or (self.best_improved and self.last_eval_step == step)
+        return due and step < self.total_steps and self.state.nonfinite_streak == 0
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; skips the update on a non-finite loss."""
@@ -285,13 +311,20 @@ class Trainer:
             self._set_gradient_sync(enabled=index == len(micro_batches) - 1)
             with parallel.loss_context(self.dims):
                 with autocast(self.cfg.precision, self.device.type):
-                    outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
-                    micro_loss, count = self.spec.loss_fn(outputs, batch, self.model_cfg.kernels)
+                    _, (micro_loss, count) = self._forward(batch)
                 micro_loss = micro_loss.float()
                 self.scaler.scale_loss(micro_loss / global_targets).backward()
             loss_sum += micro_loss.detach()
             scored += count
         return loss_sum, scored
+
+    def _forward(self, batch: dict) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+        """(model outputs, (loss sum, count)): the objective's forward, or a task's classify() (B, num_labels)."""
+        if self.task:
+            outputs = self.model.classify(**{k: v for k, v in batch.items() if k != "labels"})
+        else:
+            outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
+        return outputs, self.loss_fn(outputs, batch, self.model_cfg.kernels)
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         """Gradient accumulation: FSDP2/replicate reduce gradients only on the last micro-batch."""
@@ -326,23 +359,74 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss and perplexity over trainer.eval_batches fixed batches; with data.mixture, one
-        loss per source (val_loss/<source>) and val_loss their mixture-weighted mean."""
+        loss per source (val_loss/<source>) and val_loss their mixture-weighted mean; for a task, the loss
+        and its metrics over every validation record."""
         self.model.eval()
-        if self.data.mixture is None:
-            val_loss = self._validation_loss(self.data.validation)
-            self.last_eval = {"val_loss": val_loss}
+        if self.task:
+            self.last_eval = self._task_evaluation()
+        elif self.data.mixture is None:
+            self.last_eval = {"val_loss": self._validation_loss(self.data.validation)}
         else:
             losses = {metric_name(s.name): (s.weight, self._validation_loss(s.validation))
                       for s in self.data.mixture.sources}
             val_loss = sum(weight * loss for weight, loss in losses.values())
             self.last_eval = {"val_loss": val_loss, **{f"val_loss/{name}": loss for name, (_, loss) in losses.items()}}
         self.model.train()
-        self.last_eval["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if not self.task:
+            self.last_eval["val_ppl"] = math.exp(min(self.last_eval["val_loss"], 50.0))
+        self.last_eval_step = self.state.step
+        self._track_best()
         self.logger.log(self.state.step, self.last_eval)
-        per_source = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in self.last_eval.items() if "/" in k)
-        self.logger.write(f"step {self.state.step}: validation loss {val_loss:.4f}, "
-                          f"perplexity {self.last_eval['val_ppl']:.2f}{per_source}")
+        self.logger.write(f"step {self.state.step}: " + self._describe_eval())
         return self.last_eval
+
+    def _describe_eval(self) -> str:
+        e = self.last_eval
+        if self.task:
+            return "validation " + ", ".join(f"{key[len('val_'):]} {value:.4f}" for key, value in e.items())
+        per_source = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in e.items() if "/" in k)
+        return f"validation loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f}{per_source}"
+
+    def _track_best(self) -> None:
+        """checkpoint.keep_best: val_loss is best lowest, the task metrics highest (a NaN never improves)."""
+        name = self.cfg.checkpoint.keep_best
+        value = self.last_eval.get(name, math.nan) if name else math.nan
+        best = self.state.best_metric
+        sign = -1.0 if name == "val_loss" else 1.0
+        self.best_improved = math.isfinite(value) and (not math.isfinite(best) or sign * (value - best) > 0)
+        if self.best_improved:
+            self.state.best_metric, self.state.best_step = value, self.state.step
+
+    def _task_evaluation(self) -> dict[str, float]:
+        """Loss and metrics over every validation record: each dp rank scores its share, and all ranks' outputs
+        are gathered for the metrics (F1, MCC and Spearman do not add up over shards)."""
+        from scaletrain.data.tasks import validation_batches
+        from scaletrain.evaluation.metrics import task_metrics
+
+        total, targets = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        outputs, labels = [], []
+        for batch in validation_batches(self.data.validation, self.cfg.trainer.micro_batch, self.dims.dp_rank,
+                                        self.dims.dp_size):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
+                output, (loss_sum, count) = self._forward(batch)
+            total += loss_sum.float()
+            targets += count
+            outputs.append(output.detach().float())
+            labels.append(batch["labels"])
+        outputs, labels = self._gather_dp(torch.cat(outputs)), self._gather_dp(torch.cat(labels))
+        real = ~labels.isnan() if labels.is_floating_point() else labels != IGNORE_INDEX  # not padding
+        metrics = task_metrics(self.task, outputs[real].cpu().numpy(), labels[real].cpu().numpy())
+        return {"val_loss": (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item(), **metrics}
+
+    def _gather_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """Every dp rank's (equally long) tensor, concatenated on dim 0."""
+        mesh = self.dims.dp_mesh_flat
+        if mesh is None:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.dims.dp_size)]
+        dist.all_gather(parts, value.contiguous(), group=mesh.get_group())
+        return torch.cat(parts)
 
     def _validation_loss(self, validation) -> float:
         t, total, targets = self.cfg.trainer, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
@@ -354,8 +438,7 @@ class Trainer:
                 loss_sum, count = self.pipeline.evaluate(batch, context=autocast(self.cfg.precision, self.device.type))
             else:
                 with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
-                    outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
-                    loss_sum, count = self.spec.loss_fn(outputs, batch, self.model_cfg.kernels)
+                    _, (loss_sum, count) = self._forward(batch)
             total += loss_sum.float()
             targets += count
         return (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item()
@@ -387,11 +470,14 @@ class Trainer:
             self.save()
             if cfg.checkpoint.export_hf:
                 self._export_hf()
-        if cfg.trainer.sample_tokens > 0 and self.model_cfg.family in ("gpt", "encdec") and not self.dims.pp_enabled:
+        if (cfg.trainer.sample_tokens > 0 and self.model_cfg.family in ("gpt", "encdec") and not self.dims.pp_enabled
+                and not self.task):
             text = generate_sample(self.model, self.model_cfg, self.data, self.objective, cfg, self.device)
             self.logger.write(f"sample: {text}")
         final = {"step": self.state.step, "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,
                  **self.last_record, **self.last_eval, **flops.parameter_counts(self.model)}
+        if cfg.checkpoint.keep_best and self.state.best_step >= 0:
+            final.update({f"best_{cfg.checkpoint.keep_best}": self.state.best_metric, "best_step": self.state.best_step})
         self.logger.finish(final)
 
     def _export_hf(self) -> None:

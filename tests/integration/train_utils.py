@@ -83,3 +83,39 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(run_dir: Path, overrides: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(run_dir, overrides), capture_output=True, text=True, timeout=timeout,
                           env=cli_env(**env))
+
+
+# A labelled task any tiny model learns in a few dozen steps: the class is which topic's words (two of eight)
+# are mixed into a line of filler words.
+TOPIC_WORDS = {"food": "bread cheese soup recipe bake salt sugar dinner".split(),
+               "music": "guitar song band album drum melody concert note".split(),
+               "sports": "goal match team score player coach league win".split()}
+FILLER = "the a of and to in is it that was for on with as".split()
+
+
+def write_topic_task(folder: Path, train: int = 240, validation: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """train.jsonl and validation.jsonl of {"text", "label"} records; returns their paths."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    paths = []
+    for name, count in (("train", train), ("validation", validation)):
+        lines = []
+        for _ in range(count):
+            label = rng.choice(sorted(TOPIC_WORDS))
+            words = [rng.choice(FILLER) for _ in range(8)]
+            for _ in range(2):
+                words.insert(rng.randrange(len(words)), rng.choice(TOPIC_WORDS[label]))
+            lines.append(json.dumps({"text": " ".join(words), "label": label}))
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"{name}.jsonl")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths[0], paths[1]
+
+
+def task_overrides(family: str, train: Path, validation: Path, *extra: str) -> list[str]:
+    """tiny_overrides for data.task=classification on a topic task: one micro-batch of 8 per step."""
+    return tiny_overrides(family, "data.task=classification", f"data.train_files={train}",
+                          f"data.validation_files={validation}", "trainer.seq_len=24", "trainer.global_batch=8",
+                          "trainer.micro_batch=8", *extra)
