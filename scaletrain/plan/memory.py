@@ -376,25 +376,25 @@ def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, 
         return sbh * value_bytes / (t if sequence_parallel else 1)
     if recompute == "selective" and selective_policy == "matmul_outputs":
         return _matmul_outputs_bytes(s, b, h, a, t, sequence_parallel, ffn, inner, gated, scores_stored,
-                                     value_bytes, cross_attention)
+                                     value_bytes, cross_attention, core)
     if recompute == "selective":
         scores = 0.0
     return replicated + split + scores
 
 
 def _matmul_outputs_bytes(s, b, h, a, t, sequence_parallel, ffn, inner, gated, scores_stored, value_bytes,
-                          cross_attention) -> float:
-    """Kept by the matmul-outputs policy: the block input (sharded under SP), Q, K, V and the attention
-    output (split over heads), the two row-parallel outputs (full-size partial sums before the reduce), the
-    FFN matmul outputs (split), and the attention kernel's saved statistics: the s x s product of the math
-    path, or a log-sum-exp per row for fused kernels."""
+                          cross_attention, core) -> float:
+    """Kept by the matmul-outputs policy: the block input (sharded under SP), Q, K, V (split over heads), the
+    two row-parallel outputs (full-size partial sums before the reduce), the FFN matmul outputs (split), and
+    what the attention kernel returns: the math path's two bmm outputs, the s x s scores and the context, in
+    `core` bytes (fp32 on CPU under 16-bit: it upcasts Q, K, V), or a fused kernel's context and log-sum-exp."""
     sbh = s * b * h
-    kept = sbh * (1 / (t if sequence_parallel else 1) + 2) + s * b * (4 * inner + (2 if gated else 1) * ffn) / t
-    stats = a * s * s * b / t if scores_stored else a * s * b * 4 / value_bytes / t  # in values
-    if cross_attention:  # the residual entering cross-attention, its Q/K/V/output, and its row-parallel output
-        kept += sbh * 2 + s * b * 4 * inner / t
-        stats *= 2
-    return (kept + stats) * value_bytes
+    values = sbh * (1 / (t if sequence_parallel else 1) + 2) + s * b * (3 * inner + (2 if gated else 1) * ffn) / t
+    kernel = s * b * inner / t * core + (a * s * s * b / t * core if scores_stored else a * s * b * 4 / t)
+    if cross_attention:  # the residual entering cross-attention, its Q/K/V, its row-parallel output, its kernel
+        values += sbh * 2 + s * b * 3 * inner / t
+        kernel *= 2
+    return values * value_bytes + kernel
 
 
 @dataclass
