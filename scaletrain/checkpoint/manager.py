@@ -45,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 
 from scaletrain.configs.schema import CheckpointConfig, ModelConfig, missing_resume_message
 from scaletrain.checkpoint.reshard import load_model_and_optimizer, model_and_optimizer_state, quiet_single_process
+from scaletrain.durable import fsync_dir
 from scaletrain.errors import DISK_ERRNOS, CheckpointError
 
 MANIFEST = "scaletrain.json"
@@ -69,14 +70,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durably(path: Path, payload: bytes) -> None:
@@ -361,12 +354,12 @@ class CheckpointManager:
                                  for p in files}
             manifest["complete"] = True
             _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # the same step from another run, or damaged: set aside, never deleted
                 self._set_aside(final)
             os.replace(tmp, final)
             self.parent = written  # at once: an interrupt from here on reports this one as the newest
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._known_good.add(manifest["checkpoint_id"])
             self._apply_retention(manifest["step"])
         self.barrier()

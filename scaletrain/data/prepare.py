@@ -32,6 +32,7 @@ from scaletrain.data.corpus import SPLITS, Corpus, corpus_from_config, train_doc
 from scaletrain.data.indexed import CHECKSUM, IndexedTokens, IndexedWriter, scan_file, token_dtype
 from scaletrain.data.streaming import JOURNAL, StreamingPrepare, atomic_write_text, load_journal
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scaletrain.durable import fsync_dir
 from scaletrain.errors import DataError
 
 if TYPE_CHECKING:  # data.mixture imports this module
@@ -169,14 +170,6 @@ def _remove_prepared(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def _recover(directory: Path) -> None:
     """A prepare killed between the two renames of `_swap_in` left the old folder as `.previous`."""
     previous = _previous_dir(directory)
@@ -193,7 +186,7 @@ def _swap_in(staging: Path, directory: Path) -> None:
     if directory.exists():
         os.replace(directory, previous)
     os.replace(staging, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     _remove_prepared(previous)
 
 
