@@ -3,6 +3,8 @@ the same tiny GPT (same data, seed and global batch):
 - a 2-task Slurm job (launcher=slurm) has the same losses and final parameters;
 - USR1 to a running Slurm job: it saves, requeues itself, resumes and ends with the same parameters;
 - a Hydra multirun of 3 jobs through submitit_slurm, each a 2-task distributed job, writes its summary;
+- USR2 (submitit's preemption signal) to a submitit sweep's jobs: they save, are requeued by submitit, resume
+  and complete, the point with the reference's seed with the same losses and parameters;
 - kill -9 of one rank of a local 4-process run with max_restarts=1: restart, resume, same parameters;
 - SIGTERM to a local 2-process run: it saves and exits 3; the same command again resumes and matches;
 - the command `launcher=torchrun` prints trains the same run;
@@ -190,3 +192,35 @@ def test_stop_signal_to_a_local_run_saves_exits_3_and_the_rerun_resumes_and_matc
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from checkpoints/step-{stopped_at:06d}" in (run_dir / "train.log").read_text()
     assert_same_run(run_dir, reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_usr2_preempted_point_of_a_submitit_sweep_saves_requeues_resumes_and_matches(slurm, reference, tmp_path):
+    """submitit's preemption signal to a sweep's jobs: each point finishes its step, saves, hands over to
+    submitit's handler, which requeues it; the requeued job resumes from that checkpoint, the sweep
+    completes, and the point with the reference's seed ends exactly as the uninterrupted run."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "scaletrain.cli", "train", "-m", "hydra/launcher=submitit_slurm",
+               "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+               # without accounting submitit cannot tell preemption from a timeout; allow it to requeue either
+               "hydra.launcher.max_num_timeout=3",
+               f"hydra.sweep.dir={sweep}", *[o for o in TINY if not o.startswith("seed=")], "seed=7,8"]
+    point = sweep / "0"  # seed=7, the reference's
+    with background_launch(command, tmp_path / "sweep.log") as launcher:
+        wait_until(lambda: (point / "metrics.jsonl").exists() and max(losses(point), default=0) >= 6,
+                   launcher, 400, "the sweep never got going")
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+        assert jobs
+        for job_id in jobs:  # every running point
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=False)
+        assert launcher.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["seed"] for row in rows) == ["7", "8"]
+    assert all(row["status"] == "ok" and int(row["step"]) == STEPS for row in rows), rows
+    job_output = "".join(path.read_text() for path in sorted((sweep / ".submitit").rglob("*_log.out")))
+    stops = [int(text.split(";")[0]) for text in job_output.split("stopped by SIGUSR2 at step ")[1:]]
+    assert stops and all(6 <= step < STEPS for step in stops), job_output[-3000:]
+    log = (point / "train.log").read_text()
+    assert any(f"resumed from checkpoints/step-{step:06d}" in log for step in stops), log
+    assert_same_run(point, reference, tmp_path)
