@@ -205,18 +205,14 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
 def _xlnet_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -> Measured:
     """XLNet's block takes both streams, the relative positions, two masks and the target mapping, which
     only the model builds: its bytes are a one-layer model's minus the same model's without the layer."""
+    from scaletrain.models.registry import build_model
     from scaletrain.parallel.checkpointing import apply_activation_checkpointing
 
+    small = _one_layer(model_cfg)
     one = _run_model(cfg, model_cfg, dims, apply_activation_checkpointing(
-        build_model_meta(_one_layer(model_cfg)), cfg.trainer.activation_checkpointing))
-    ends = _run_model(cfg, model_cfg, dims, _without_layers(build_model_meta(_one_layer(model_cfg))))
+        build_model(small, "meta"), cfg.trainer.activation_checkpointing))
+    ends = _run_model(cfg, model_cfg, dims, _without_layers(build_model(small, "meta")))
     return Measured(one.kept - ends.kept, max(one.transient, ends.transient))
-
-
-def build_model_meta(model_cfg: ModelConfig) -> nn.Module:
-    from scaletrain.models.registry import build_model
-
-    return build_model(model_cfg, "meta")
 
 
 def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, model: nn.Module) -> Measured:
