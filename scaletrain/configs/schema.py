@@ -220,9 +220,12 @@ class DataConfig:
     # How a prepared folder's shards are checked when opened: size (a stat per file) | full (every byte
     # read once against the checksums in metadata.json, and every token id against the vocabulary).
     verify: str = "size"
+    # `data prepare` closes a shard (a .bin/.idx pair) before it passes this many bytes of tokens, at a
+    # document boundary; a split of more tokens gets train-00001.bin, ... beside train.bin (1 GiB).
+    max_shard_bytes: int = 1 << 30
 
     RANGES: ClassVar[Dict[str, str]] = {
-        "tokenizer_vocab": "[1, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
+        "tokenizer_vocab": "[1, inf)", "max_shard_bytes": "[4, inf)", "mlm_probability": "(0, 1)", "noise_density": "(0, 1)",
         "mean_span_length": "[1, inf)", "span_geometric_p": "(0, 1)", "span_max_words": "[1, inf)",
         "bart_mask_ratio": "(0, 1)", "bart_poisson_lambda": "(0, inf)", "plm_k": "[2, inf)", "plm_max_span": "[1, inf)",
         "num_workers": "[0, inf)",

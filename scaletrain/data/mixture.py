@@ -204,7 +204,7 @@ def build_mixture(cfg, progress: bool = True):
         if kind == "corpus":
             path = prepared_cache_dir(data_cfg, corpora[name], tokenizer)
             prepare(corpora[name], tokenizer, path, data_cfg.val_fraction, data_cfg.num_workers, progress,
-                    verify=data_cfg.verify)
+                    verify=data_cfg.verify, max_shard_bytes=data_cfg.max_shard_bytes)
         # its own tokenizer: compared below, naming both sources; a corpus's was just verified by prepare
         prepared = open_prepared(path, None, data_cfg.verify if kind == "prepared" else "size")
         sources.append(MixtureSource(name, weights[name], prepared.train, prepared.validation, str(path),

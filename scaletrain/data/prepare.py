@@ -1,7 +1,9 @@
 """`scaletrain data prepare`: tokenize a corpus in worker processes into memory-mapped token shards, and
 `build_datasets(cfg)`, which the trainer calls to get (tokenizer, train, validation) from the cache.
 
-    <out>/train.bin .idx  validation.bin .idx  tokenizer.json  metadata.json
+    <out>/train.bin .idx  [train-00001.bin .idx ...]  validation.bin .idx  tokenizer.json  metadata.json
+
+Each split is written in shards of at most data.max_shard_bytes (data/shards.py), listed in metadata.json.
 
 A prepare writes into `<out>.partial` beside the folder and renames it to `<out>` only when complete, so
 an existing `<out>` stays valid until the new one replaces it, whatever happens meanwhile. metadata.json
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,6 +33,7 @@ import numpy as np
 
 from scaletrain.data.corpus import SPLITS, Corpus, corpus_from_config, train_documents
 from scaletrain.data.indexed import CHECKSUM, IndexedTokens, IndexedWriter, scan_file, token_dtype
+from scaletrain.data.shards import ShardedWriter, open_split
 from scaletrain.data.streaming import JOURNAL, StreamingPrepare, atomic_write_text, load_journal
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.durable import fsync_dir
@@ -41,6 +45,7 @@ if TYPE_CHECKING:  # data.mixture imports this module
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 1 << 30  # data.max_shard_bytes
 
 
 @dataclass
@@ -93,7 +98,8 @@ def shard_problem(directory: Path, metadata: dict, verify: str) -> Optional[str]
     they were recorded have none) and every token id below the vocabulary."""
     files = metadata.get("files") or {}
     dtype = np.dtype(metadata["dtype"])
-    expected = {f"{split}.bin": metadata["splits"][split]["tokens"] * dtype.itemsize for split in SPLITS}
+    expected = {f"{shard['prefix']}.bin": shard["tokens"] * dtype.itemsize
+                for split in SPLITS for shard in split_shards(metadata, split)}
     expected.update({name: entry["bytes"] for name, entry in files.items()})
     for name, size in expected.items():
         path = directory / name
@@ -136,6 +142,11 @@ def _file_lock(path: Path):
 # holding anything else is not ours to replace or delete.
 _OWN_FILES = {f"{split}.{ext}" for split in SPLITS for ext in ("bin", "idx")} | {
     "tokenizer.json", "metadata.json", JOURNAL, ".lock"}
+_OWN_SHARD = re.compile(r"(%s)-\d{5}\.(bin|idx)" % "|".join(SPLITS))  # the shards after each split's first
+
+
+def _own_file(name: str) -> bool:
+    return name in _OWN_FILES or ".partial" in name or _OWN_SHARD.fullmatch(name) is not None
 
 
 def staging_dir(directory: Path) -> Path:
@@ -157,7 +168,7 @@ def _check_only_prepared_files(folder: Path, fix: str) -> None:
     if not folder.is_dir():
         raise DataError(f"{folder} is a file where scaletrain data prepare needs a folder; {fix}")
     foreign = sorted(entry.name for entry in folder.iterdir()
-                     if not entry.is_file() or (entry.name not in _OWN_FILES and ".partial" not in entry.name))
+                     if not entry.is_file() or not _own_file(entry.name))
     if foreign:
         raise DataError(f"{folder} holds {', '.join(foreign[:3])}, which scaletrain data prepare did not write; "
                         f"{fix}")
@@ -196,27 +207,44 @@ def _shard_dtype(shard_format: str, vocab_size: int) -> np.dtype:
     return megatron_dtype(vocab_size) if shard_format == "megatron" else token_dtype(vocab_size)
 
 
-def _shard_writer(shard_format: str, vocab_size: int):
-    """-> factory(prefix, resume_at) of the split writers."""
+def _shard_reader(shard_format: str, vocab_size: Optional[int]):
+    """-> open(prefix) of one shard."""
+    if shard_format == "megatron":
+        from scaletrain.data.megatron import MegatronTokens
+
+        return lambda prefix: MegatronTokens(prefix, vocab_size=vocab_size)
+    return lambda prefix: IndexedTokens(prefix, vocab_size)
+
+
+def _shard_writer(shard_format: str, vocab_size: int, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    """-> factory(prefix, resume_at) of the split writers: shards of at most max_shard_bytes each."""
     dtype = _shard_dtype(shard_format, vocab_size)
     if shard_format == "megatron":
-        from scaletrain.data.megatron import MegatronWriter
+        from scaletrain.data.megatron import MegatronWriter as writer_class
+    else:
+        writer_class = IndexedWriter
+    max_tokens = max(1, max_shard_bytes // dtype.itemsize)
+    make_writer = lambda prefix, resume_at: writer_class(prefix, dtype, resume_at)  # noqa: E731
+    read_shard = _shard_reader(shard_format, None)
+    return lambda prefix, resume_at: ShardedWriter(prefix, max_tokens, make_writer, read_shard, resume_at)
 
-        return lambda prefix, resume_at: MegatronWriter(prefix, dtype, resume_at)
-    return lambda prefix, resume_at: IndexedWriter(prefix, dtype, resume_at)
+
+def split_shards(metadata: dict, split: str) -> List[dict]:
+    """The shards of a split in order ({"prefix", "tokens", "documents"}); one named after the split in
+    folders prepared before shards were bounded."""
+    entry = metadata["splits"][split]
+    return entry.get("shards") or [{"prefix": split, "tokens": entry["tokens"], "documents": entry["documents"]}]
 
 
 def _open_shards(directory: Path, metadata: dict, split: str):
-    if metadata.get("shard_format") == "megatron":
-        from scaletrain.data.megatron import MegatronTokens
-
-        return MegatronTokens(directory / split, vocab_size=metadata["vocab_size"])
-    return IndexedTokens(directory / split, metadata["vocab_size"])
+    names = [shard["prefix"] for shard in split_shards(metadata, split)]
+    return open_split(directory / split, names, _shard_reader(metadata.get("shard_format"), metadata["vocab_size"]),
+                      metadata["vocab_size"])
 
 
 def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction: float = 0.02,
             num_workers: int = 2, progress: bool = True, shard_format: str = "scaletrain",
-            dedup: bool = False, verify: str = "size") -> dict:
+            dedup: bool = False, verify: str = "size", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Tokenizes `corpus` into `directory` unless it already holds this exact (corpus, tokenizer, split)
     and its shards pass `verify` (size | full); returns the metadata. Safe to call from every rank at
     once. Streams (data/streaming.py): bounded memory, and a killed prepare resumes after its last durable
@@ -238,7 +266,9 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
             if load_journal(staging, key) is None:  # another attempt's leftovers: nothing to resume
                 _remove_prepared(staging)
             staging.mkdir(parents=True, exist_ok=True)
-            _prepare_into(staging, corpus, tokenizer, key, val_fraction, num_workers, progress, shard_format, dedup)
+            writers = _shard_writer(shard_format, tokenizer.vocab_size, max_shard_bytes)
+            _prepare_into(staging, corpus, tokenizer, key, val_fraction, num_workers, progress, shard_format, dedup,
+                          writers)
         metadata = _read_metadata(staging)
         _swap_in(staging, directory)
     splits = metadata["splits"]
@@ -250,10 +280,9 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, directory: Path, val_fraction:
 
 
 def _prepare_into(staging: Path, corpus: Corpus, tokenizer: Tokenizer, key: dict, val_fraction: float,
-                  num_workers: int, progress: bool, shard_format: str, dedup: bool) -> None:
+                  num_workers: int, progress: bool, shard_format: str, dedup: bool, writers) -> None:
     started = time.perf_counter()
-    run = StreamingPrepare(corpus, tokenizer, staging, key, val_fraction,
-                           _shard_writer(shard_format, tokenizer.vocab_size), dedup).run(num_workers, progress)
+    run = StreamingPrepare(corpus, tokenizer, staging, key, val_fraction, writers, dedup).run(num_workers, progress)
     splits = run["splits"]
     seconds = time.perf_counter() - started
     atomic_write_text(staging / "tokenizer.json", tokenizer.json)
@@ -362,7 +391,7 @@ def build_datasets(cfg, progress: bool = True) -> PreparedData:
     tokenizer = tokenizer_from_config(data_cfg, corpus)
     directory = prepared_cache_dir(data_cfg, corpus, tokenizer)
     prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers, progress,
-            verify=data_cfg.verify)
+            verify=data_cfg.verify, max_shard_bytes=data_cfg.max_shard_bytes)
     return open_prepared(directory, tokenizer)  # prepare just verified (or wrote) it: no second full read
 
 
@@ -396,7 +425,7 @@ def _parser():
                       "instead of scaletrain's; the input format is then --input-format.")
     defaults = DataConfig()
     for name in ("corpus", "format", "text_field", "decode_errors", "tokenizer", "tokenizer_type",
-                 "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction", "verify"):
+                 "tokenizer_vocab", "cache_dir", "num_workers", "val_fraction", "verify", "max_shard_bytes"):
         value = getattr(defaults, name)
         prepare.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=value,
                              help=f"data.{name} (default: {value})")
@@ -431,7 +460,7 @@ def cli(argv: List[str]) -> int:
         return 0
     metadata = prepare(corpus, tokenizer, directory, data_cfg.val_fraction, data_cfg.num_workers,
                        progress=not args.no_progress, shard_format=shard_format, dedup=args.dedup,
-                       verify=data_cfg.verify)
+                       verify=data_cfg.verify, max_shard_bytes=data_cfg.max_shard_bytes)
     splits = metadata["splits"]
     print(f"prepared {directory}: vocab {tokenizer.vocab_size}, "
           + ", ".join(f"{s} {v['documents']} docs {v['tokens']} tokens" for s, v in splits.items())

@@ -322,8 +322,11 @@ class StreamingPrepare:
             bar.bar.close()
             if self.seen is not None:
                 self.seen.close()
-        splits = {split: {"documents": writer.finish(), "tokens": writer.tokens}
-                  for split, writer in self.writers.items()}
+        splits = {}
+        for split, writer in self.writers.items():
+            splits[split] = {"documents": writer.finish(), "tokens": writer.tokens}
+            if hasattr(writer, "shards"):  # data/shards.py: the split's files in order
+                splits[split]["shards"] = writer.shards
         files = {name: entry for writer in self.writers.values() for name, entry in writer.checksums.items()}
         (self.directory / DEDUP_HASHES).unlink(missing_ok=True)
         (self.directory / JOURNAL).unlink(missing_ok=True)
