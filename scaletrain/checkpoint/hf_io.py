@@ -173,7 +173,12 @@ def full_state_from_hf(source: HFSource) -> dict[str, torch.Tensor]:
 # the tokenizer roles a family's Hugging Face tokenizer names (BERT has no bos/eos, GPT-2 no cls/sep/mask)
 HF_TOKEN_ROLES = {"gpt": ("bos", "eos", "unk", "pad"), "bert": ("unk", "sep", "pad", "cls", "mask"),
                   "t5": ("eos", "unk", "pad"), "bart": ("bos", "eos", "unk", "pad", "cls", "sep", "mask"),
-                  "roberta": ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
+                  "roberta": ("bos", "eos", "unk", "pad", "cls", "sep", "mask"),
+                  "xlnet": ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
+# XLNet reads its summary from the last position (<cls>), so its tokenizer pads on the left
+PADDING_SIDE = {"xlnet": "left"}
+
+
 def hf_tokenizer(tokenizer, cfg: ModelConfig, model_max_length: int):
     """Our tokenizer as a transformers fast tokenizer with the family's special tokens and post-processor."""
     import transformers
@@ -186,8 +191,11 @@ def hf_tokenizer(tokenizer, cfg: ModelConfig, model_max_length: int):
         backend.post_processor = processor
     specials = {f"{role}_token": tokenizer.role_token(role) for role in HF_TOKEN_ROLES[flavour]
                 if tokenizer.role_id(role) is not None}
+    # BERT and XLNet read segment ids (a pair's second text, XLNet's <cls>): the tokenizer must return them
+    if flavour in ("bert", "xlnet") and (flavour == "xlnet" or cfg.type_vocab_size > 1):
+        specials["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
-                                                **specials)
+                                                padding_side=PADDING_SIDE.get(flavour, "right"), **specials)
 
 
 def _set_special_token_ids(hf_model, tokenizer, cfg: ModelConfig) -> None:

@@ -547,8 +547,6 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
 
 def _check_task(cfg: TrainConfig) -> None:
     task, best = cfg.data.task, cfg.checkpoint.keep_best
-    _check(task == "lm" or cfg.model.family != "xlnet", f"data.task={task} is not supported for family xlnet "
-           f"(its summary reads the last position, which right padding fills); use gpt, bert or encdec")
     _check(task != "regression" or cfg.model.num_labels in (0, 1), f"data.task=regression predicts one number "
            f"but model.num_labels={cfg.model.num_labels}; set model.num_labels=1 (or 0)")
     wanted = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS}.get(task, ())

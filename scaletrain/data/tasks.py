@@ -6,7 +6,8 @@ model's classification head, fed by the trainer's own Loader.
     labels   classification: strings (or booleans), sorted and mapped to ids 0..K-1, or integer ids as given;
              regression: numbers (a CSV's numeric strings too)
     framing  the family's template (data/tokenizer.py): BERT [CLS] a [SEP] b [SEP], RoBERTa / BART
-             <s> a </s></s> b </s>, T5 a </s> b </s>, GPT a (<eod> b); padded on the right to trainer.seq_len.
+             <s> a </s></s> b </s>, T5 a </s> b </s>, GPT a (<eod> b), XLNet a <sep> (b <sep>) <cls>; padded
+             on the right to trainer.seq_len, on the left for XLNet (its summary reads the last position)
              An encoder-decoder also reads the text in its decoder, shifted right behind the decoder start
              token, and classifies from the decoder's last non-pad state (Hugging Face's
              Bart/T5ForSequenceClassification do the same: the state at the final </s>)
@@ -257,7 +258,8 @@ def label_values(records: list[Record], labels: Labels, split: str) -> np.ndarra
 # ----------------------------------------------------------------------------------------- encoding
 
 def encode(records: list[Record], tokenizer: Tokenizer, model_cfg, seq_len: int) -> dict[str, np.ndarray]:
-    """Framed, truncated (longest text of a pair first) and right-padded model inputs, each (N, seq_len)."""
+    """Framed, truncated (longest text of a pair first) and padded model inputs, each (N, seq_len): on the
+    right, on the left for XLNet."""
     from tokenizers.processors import TemplateProcessing
 
     backend = framing_backend(tokenizer, model_cfg)
@@ -269,20 +271,23 @@ def encode(records: list[Record], tokenizer: Tokenizer, model_cfg, seq_len: int)
     backend.enable_truncation(max_length=seq_len)
     inputs = [record.text if record.pair is None else (record.text, record.pair) for record in records]
     encodings = backend.encode_batch(inputs, add_special_tokens=True)
-    n, pad = len(records), tokenizer.pad_id
+    n, pad, left = len(records), tokenizer.pad_id, model_cfg.family == "xlnet"
     ids, mask, types = np.full((n, seq_len), pad, np.int64), np.zeros((n, seq_len), np.int64), np.zeros((n, seq_len), np.int64)
     truncated = 0
     for i, encoding in enumerate(encodings):
         length = len(encoding.ids)
         if length == 0:
             raise DataError(f"{records[i].where}: the text is empty; fix or remove the record")
-        ids[i, :length], mask[i, :length], types[i, :length] = encoding.ids, 1, encoding.type_ids
+        where = slice(seq_len - length, None) if left else slice(0, length)
+        ids[i, where], mask[i, where], types[i, where] = encoding.ids, 1, encoding.type_ids
         truncated += bool(encoding.overflowing)
     if truncated:
         log.info("%d of %d records were truncated to trainer.seq_len=%d tokens", truncated, n, seq_len)
     arrays = {"input_ids": ids, "attention_mask": mask}
     if model_cfg.family == "bert":
         arrays["token_type_ids"] = types if model_cfg.type_vocab_size > 1 else np.zeros_like(types)
+    if model_cfg.family == "xlnet":  # <cls> is segment 2; pads are masked keys, so theirs never matters
+        arrays["token_type_ids"] = types
     if model_cfg.family == "encdec":
         # the decoder reads the text shifted right behind its start token: pad for T5, </s> for BART (export's
         # decoder_start_token_id); its last non-pad position is then the final </s> of the input

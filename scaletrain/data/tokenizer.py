@@ -240,11 +240,13 @@ def check_vocab(model_cfg, tokenizer: Tokenizer, tp: int = 1) -> int:
 # ----------------------------------------------------------------------------- family templates
 
 # the tokens each family's post-processor puts around its inputs
-TEMPLATE_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep")}
+TEMPLATE_ROLES = {"gpt": (), "bert": ("cls", "sep"), "roberta": ("cls", "sep"), "t5": ("eos",), "bart": ("cls", "sep"),
+                  "xlnet": ("cls", "sep")}
 
 
 def family_flavour(cfg) -> str:
-    """gpt | bert | roberta | t5 | bart: which Hugging Face tokenizer (and template) a model config matches."""
+    """gpt | bert | roberta | t5 | bart | xlnet: which Hugging Face tokenizer (and template) a model config
+    matches."""
     if cfg.family == "encdec":
         return "t5" if cfg.position == "relative" else "bart"
     if cfg.family == "bert" and cfg.positions_from_padding:
@@ -254,7 +256,8 @@ def family_flavour(cfg) -> str:
 
 def family_post_processor(tokenizer: Tokenizer, flavour: str):
     """What the objectives train with: [CLS] a [SEP] (b [SEP]) for BERT, <s> a </s> (</s> b </s>) for
-    RoBERTa and BART, a </s> (b </s>) for T5; GPT-2's tokenizer adds nothing (None). Export, inference and
+    RoBERTa and BART, a </s> (b </s>) for T5, a <sep> (b <sep>) <cls> for XLNet (token types 0, 1 and 2 for
+    <cls>, as the plm objective packs them); GPT-2's tokenizer adds nothing (None). Export, inference and
     the finetuning tasks all frame texts with it."""
     from tokenizers.processors import TemplateProcessing
 
@@ -272,6 +275,9 @@ def family_post_processor(tokenizer: Tokenizer, flavour: str):
     specials = [(cls, tokenizer.role_id("cls")), (sep, tokenizer.role_id("sep"))]
     if flavour == "bert":
         return TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                  special_tokens=specials)
+    if flavour == "xlnet":
+        return TemplateProcessing(single=f"$A:0 {sep}:0 {cls}:2", pair=f"$A:0 {sep}:0 $B:1 {sep}:1 {cls}:2",
                                   special_tokens=specials)
     return TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials)
 

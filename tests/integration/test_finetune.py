@@ -15,7 +15,8 @@ from train_utils import make_trainer, stop_after, task_overrides, write_topic_ta
 FAMILIES = {  # BERT's post-LN stack with its tanh pooler needs a larger step to move in 40 steps
     "gpt": ["model=gpt_tiny"], "bert": ["model=bert_tiny", "optim.lr=1e-2"],
     "t5": ["model=t5_tiny", "data.tokenizer_type=unigram", "model.pooler=true"],  # export needs HF's pooled head
-    "bart": ["model=bart_tiny", "data.tokenizer_type=bart_bpe", "model.pooler=true"]}
+    "bart": ["model=bart_tiny", "data.tokenizer_type=bart_bpe", "model.pooler=true"],
+    "xlnet": ["model=xlnet_tiny"]}  # left-padded: its summary reads the last position (<cls>)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def _finetune_on_rank(rank, world_size, run_dir, overrides):
 
 @pytest.mark.parametrize("family, layout", [("gpt", ["parallel.dp_shard=2"]),
                                              ("bert", ["parallel.dp_shard=2", "parallel.zero=3"]),
-                                             ("gpt", ["parallel.tp=2", "parallel.dp_shard=1"])])
+                                             ("gpt", ["parallel.tp=2", "parallel.dp_shard=1"]),
+                                             ("xlnet", ["parallel.tp=2", "parallel.dp_shard=1"])])
 def test_two_ranks_finetune_as_one_process(tmp_path, topic_task, family, layout):
     single = make_trainer(tmp_path / "single", _overrides(family, topic_task, *SGD))
     single.train()
@@ -139,10 +141,13 @@ def test_export_gives_a_sequence_classifier_with_equal_logits(tmp_path, topic_ta
     trainer.model.eval()
     with torch.no_grad():
         ours = trainer.model.classify(**{k: v for k, v in batch.items() if k != "labels"})
-        theirs = hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        segments = {"token_type_ids": batch["token_type_ids"]} if family == "xlnet" else {}
+        theirs = hf_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # frames a text as we do
-    length = int(batch["attention_mask"][0].sum())
-    text = topic_task[1].read_text().splitlines()[0]
-    encoded = tokenizer(json.loads(text)["text"], truncation=True, max_length=batch["input_ids"].shape[1])
-    assert encoded["input_ids"] == batch["input_ids"][0, :length].tolist()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # frames and pads a text as we do
+    assert tokenizer.padding_side == ("left" if family == "xlnet" else "right")
+    for row, line in enumerate(topic_task[1].read_text().splitlines()[:8]):
+        encoded = tokenizer(json.loads(line)["text"], truncation=True, max_length=batch["input_ids"].shape[1])
+        length = int(batch["attention_mask"][row].sum())
+        kept = slice(-length, None) if family == "xlnet" else slice(0, length)
+        assert encoded["input_ids"] == batch["input_ids"][row, kept].tolist()

@@ -29,6 +29,7 @@ RUNS = {
     "t5_v1_1": (["model=t5_v1_1_tiny"] + T5[1:], transformers.AutoModelForSeq2SeqLM, "text2text-generation",
                 ("", "</s>")),
     "bart": (BART, transformers.AutoModelForSeq2SeqLM, "text2text-generation", ("<s>", "</s>")),
+    "xlnet": (tiny_overrides("xlnet")[:5], transformers.AutoModelForCausalLM, "text-generation", ("", "[CLS]")),
 }
 STEPS = ["trainer.max_steps=1", "optim.warmup_steps=0"] + tiny_overrides("gpt")[3:]
 
@@ -98,12 +99,18 @@ def test_exported_tokenizer_and_config_name_the_run_special_tokens(exported, nam
         assert tokenizer.model_max_length == config["n_positions"] == ours.model_cfg.max_seq_len
         assert config["eos_token_id"] == ours.tokenizer.eod_id == tokenizer.eos_token_id
     if family == "bert":
+        pair = tokenizer("a", "b")  # segment ids reach the model when it has a segment embedding
+        assert pair.get("token_type_ids") == ([0, 0, 0, 1, 1] if ours.model_cfg.type_vocab_size > 1 else None)
         assert tokenizer.mask_token_id == ours.tokenizer.special_id("mask") == config["mask_token_id"]
         assert tokenizer.pad_token_id == config["pad_token_id"]
         assert config["max_position_embeddings"] == ours.model_cfg.max_seq_len + ours.model_cfg.position_offset
     if name.startswith("t5"):
         assert config["decoder_start_token_id"] == tokenizer.pad_token_id == ours.tokenizer.pad_id
         assert tokenizer.model_max_length == 32  # the run's trainer.seq_len
+    if family == "xlnet":  # the plm objective's A <sep> B <sep> <cls>, types 0 1 2; padded on the left
+        pair = tokenizer("a", "b")
+        assert tokenizer.convert_ids_to_tokens(pair["input_ids"]) == ["a", "[SEP]", "b", "[SEP]", "[CLS]"]
+        assert pair["token_type_ids"] == [0, 0, 1, 1, 2] and tokenizer.padding_side == "left"
     if name == "bart":
         assert config["decoder_start_token_id"] == config["eos_token_id"] == tokenizer.eos_token_id
         assert tokenizer.mask_token_id == ours.tokenizer.special_id("mask")

@@ -20,6 +20,8 @@ FAMILY_OVERRIDES = {
              "data.tokenizer_type=wordpiece", "data.nsp=true"],
     "encdec": ["model=t5_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "data.objective=t5_span",
                "data.tokenizer_type=unigram"],
+    "xlnet": ["model=xlnet_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "data.objective=plm",
+              "data.tokenizer_type=wordpiece"],
 }
 COMMON = ["trainer.seq_len=32", "trainer.global_batch=4", "trainer.micro_batch=2", "trainer.eval_every=0",
           "trainer.log_every=1", "trainer.progress_bar=false", "trainer.sample_tokens=0", "checkpoint.every=0",
