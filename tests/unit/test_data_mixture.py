@@ -2,7 +2,6 @@
 one tokenizer, and the built-in corpus split into parts mixed at known weights."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from scaletrain.data.objectives import CLM
 from scaletrain.data.prepare import build_datasets, prepare
 from scaletrain.data.corpus import load_corpus
 from scaletrain.data.tokenizer import train_tokenizer
-from scaletrain.errors import ConfigError, DataError
+from scaletrain.errors import DataError
 
 GPT3 = {"cc": 0.60, "webtext2": 0.22, "books1": 0.08, "books2": 0.08, "wiki": 0.03}  # sums to 1.01
 

@@ -4,7 +4,6 @@ the text filled independently; the CLI prints the table, accepts [MASK] and <mas
 (no mask, a GPT, a folder without a checkpoint) with one line and exit code 2."""
 
 import pytest
-import torch
 import transformers
 
 from scaletrain.checkpoint.hf_io import hf_tokenizer
