@@ -324,6 +324,25 @@ def open_prepared(directory: Path, tokenizer: Optional[Tokenizer] = None, verify
     return PreparedData(tokenizer, splits["train"], splits["validation"], directory, metadata)
 
 
+def check_megatron(prefix: Path, tokenizer_spec: str) -> str:
+    """`--check` on a Megatron-LM prefix: its index's structure and the .bin size always (MegatronTokens);
+    with --tokenizer, every token id below that vocabulary (Megatron records neither tokenizer nor checksums)."""
+    from scaletrain.data.megatron import MegatronTokens, check_vocab_fits
+
+    dataset = MegatronTokens(prefix)
+    counts = f"{dataset.num_documents:,} documents {dataset.num_tokens:,} {dataset.dtype.name} tokens"
+    if tokenizer_spec == "train":
+        return (f"{prefix}: a Megatron-LM prefix whose index and .bin agree ({counts}); pass --tokenizer PATH to "
+                f"also check every token id against the vocabulary it was made with")
+    tokenizer = load_tokenizer(tokenizer_spec)
+    check_vocab_fits(dataset, tokenizer)
+    bad = scan_file(Path(f"{prefix}.bin"), dtype=dataset.dtype, vocab_size=tokenizer.vocab_size)[1]
+    if bad is not None:
+        raise DataError(f"{prefix}.bin holds token id {bad}, outside the {tokenizer.vocab_size} tokens of "
+                        f"{tokenizer.source}; name the tokenizer it was made with (--tokenizer PATH)")
+    return f"{prefix}: ok, a Megatron-LM prefix with every token id below {tokenizer.vocab_size} ({counts})"
+
+
 def check_prepared(directory: Path) -> str:
     """`scaletrain data prepare --check`: every byte of a prepared folder, whatever data.verify says."""
     metadata = open_prepared(directory).metadata
@@ -420,7 +439,8 @@ def _parser():
                                   description="Tokenize a corpus into memory-mapped token shards.")
     target = prepare.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output directory")
-    target.add_argument("--check", metavar="DIR", help="verify a prepared folder: sizes, checksums, token ids")
+    target.add_argument("--check", metavar="DIR", help="verify a prepared folder (sizes, checksums, token ids) "
+                                                        "or a Megatron-LM prefix (with --tokenizer: its token ids)")
     prepare.epilog = ("--format megatron writes Megatron-LM .bin/.idx shards (<out>/train, <out>/validation) "
                       "instead of scaletrain's; the input format is then --input-format.")
     defaults = DataConfig()
@@ -443,7 +463,10 @@ def cli(argv: List[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
     if args.check:
-        print(check_prepared(Path(os.path.expanduser(args.check))))
+        from scaletrain.data.megatron import is_megatron_prefix
+
+        target = Path(os.path.expanduser(args.check))
+        print(check_megatron(target, args.tokenizer) if is_megatron_prefix(target) else check_prepared(target))
         return 0
     shard_format = "scaletrain"
     if args.format == "megatron":  # the output's format; the input's is --input-format

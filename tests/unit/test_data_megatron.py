@@ -162,3 +162,16 @@ def test_token_ids_beyond_the_named_tokenizer_are_refused(tmp_path, tokenizer_fi
     loader = Loader(train, CLM(), 31, 1, 1)
     with pytest.raises(DataError, match="web.bin holds token id 700 at token 18, outside the vocabulary of 512"):
         next(loader)
+
+
+def test_check_reads_a_megatron_prefix_and_with_a_tokenizer_its_token_ids(tmp_path, tokenizer_file, capsys):
+    from scaletrain.cli import main
+
+    encode(tmp_path / "good", [[[5, 6, 7, 8]], [[9, 10], [11]]])
+    encode(tmp_path / "bad", [[[5, 6, 7, 8]], [[9, 700, 11]]])
+    assert main(["data", "prepare", "--check", str(tmp_path / "good")]) == 0
+    assert "index and .bin agree (2 documents 7 uint16 tokens); pass --tokenizer" in capsys.readouterr().out
+    assert main(["data", "prepare", "--check", str(tmp_path / "good"), "--tokenizer", str(tokenizer_file)]) == 0
+    assert "ok, a Megatron-LM prefix with every token id below 512" in capsys.readouterr().out
+    assert main(["data", "prepare", "--check", str(tmp_path / "bad"), "--tokenizer", str(tokenizer_file)]) == 2
+    assert "bad.bin holds token id 700, outside the 512 tokens" in capsys.readouterr().err
