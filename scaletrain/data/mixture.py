@@ -132,6 +132,18 @@ def metric_name(source_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source_name.rstrip("/")).name or source_name)
 
 
+def metric_names(source_names: list[str]) -> list[str]:
+    """One distinct metric suffix per source: the last path component, or, where two sources share it
+    (a/wiki and b/wiki), the whole key; a number where even those agree once sanitized."""
+    short = [metric_name(name) for name in source_names]
+    names = [metric_name_full(name) if short.count(s) > 1 else s for name, s in zip(source_names, short)]
+    return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def metric_name_full(source_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", source_name.strip("/"))
+
+
 def _resolve(name: str, root: str) -> Path:
     path = Path(os.path.expanduser(name))
     if not path.is_absolute() and root:

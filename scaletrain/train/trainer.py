@@ -26,7 +26,7 @@ from scaletrain import parallel
 from scaletrain.checkpoint.manager import TOKENIZER, CheckpointManager
 from scaletrain.configs.schema import TrainConfig
 from scaletrain.data.loader import Loader, validation_batches
-from scaletrain.data.mixture import metric_name
+from scaletrain.data.mixture import metric_names
 from scaletrain.data.objectives import IGNORE_INDEX, build_objective
 from scaletrain.data.prepare import build_datasets
 from scaletrain.data.tokenizer import check_vocab
@@ -367,8 +367,9 @@ class Trainer:
         elif self.data.mixture is None:
             self.last_eval = {"val_loss": self._validation_loss(self.data.validation)}
         else:
-            losses = {metric_name(s.name): (s.weight, self._validation_loss(s.validation))
-                      for s in self.data.mixture.sources}
+            sources = self.data.mixture.sources  # distinct names: a shared one would drop a source from val_loss
+            losses = {name: (s.weight, self._validation_loss(s.validation))
+                      for name, s in zip(metric_names([s.name for s in sources]), sources)}
             val_loss = sum(weight * loss for weight, loss in losses.values())
             self.last_eval = {"val_loss": val_loss, **{f"val_loss/{name}": loss for name, (_, loss) in losses.items()}}
         self.model.train()

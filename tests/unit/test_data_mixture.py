@@ -185,3 +185,10 @@ def test_training_logs_a_validation_loss_per_source(builtin_parts, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_loss" in r][-1]
     assert final["val_loss"] == pytest.approx(0.7 * final["val_loss/docs"] + 0.3 * final["val_loss/ref"])
+
+
+def test_sources_that_share_a_last_path_component_get_distinct_metric_names():
+    from scaletrain.data.mixture import metric_names
+
+    assert metric_names(["cc", "/data/a/wiki", "/data/b/wiki/"]) == ["cc", "data_a_wiki", "data_b_wiki"]
+    assert metric_names(["a/b", "a_b", "x/b"]) == ["a_b_0", "a_b_1", "x_b"]
