@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "export": ("scaletrain.checkpoint.export:cli", "export <run dir | step dir> --out DIR: write a Hugging Face folder"),
     "generate": ("scaletrain.inference.cli:generate_cli", "generate <run | step | HF dir> --prompt TEXT: continue or answer prompts"),
     "fill-mask": ("scaletrain.inference.cli:fill_mask_cli", 'fill-mask <run | step | HF dir> "text with [MASK]": top fillers'),
+    "eval": ("scaletrain.evaluation.cli:cli", "eval <run | step | HF dir> --data CORPUS|PREPARED: perplexity"),
 }
 
 
