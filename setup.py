@@ -29,6 +29,7 @@ setup(
         ],
         "slurm": ["submitit>=1.5", "hydra-submitit-launcher>=1.2"],
         "zstd": ["zstandard>=0.22"],  # reading .zst corpus files in scaletrain data prepare
+        "deepspeed": ["deepspeed>=0.19"],  # parallel.engine=deepspeed (issue 19; runs on CPU with gloo)
     },
     entry_points={"console_scripts": ["scaletrain=scaletrain.cli:main"]},
 )
