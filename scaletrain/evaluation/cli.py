@@ -1,7 +1,11 @@
-"""`scaletrain eval <run | step | HF dir> --data PATH`: the perplexity of a left-to-right LM on a corpus (a
-text / JSONL / parquet file, a glob, a folder, or "builtin") or on a split of a folder written by `scaletrain
-data prepare` (made with the model's own tokenizer). Documents are tokenized as prepare packs them: the
-text, then the end-of-document token."""
+"""`scaletrain eval <run | step | HF dir>`, for a GPT:
+
+    --data PATH        perplexity on a corpus (a text / JSONL / parquet file, a glob, a folder, or "builtin")
+                       or a split of a folder written by `scaletrain data prepare` with the model's tokenizer;
+                       documents are tokenized as prepare packs them (the text, then end-of-document)
+    --tasks F.jsonl    few-shot multiple-choice or generation tasks (evaluation/fewshot.py), --shots K
+                       demonstrations drawn from --train (default: the task file itself) with --seed; with
+                       --out DIR each task writes <name>.json (scores, settings) and <name>.prompts.json"""
 
 from __future__ import annotations
 
@@ -18,15 +22,19 @@ from scaletrain.errors import InputError
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="scaletrain eval", description="Evaluate a trained model: perplexity on a corpus.")
     parser.add_argument("path", help="a run folder, a checkpoint step-* folder or a Hugging Face folder")
-    parser.add_argument("--data", required=True,
-                        help='a corpus (file, glob, folder or "builtin") or a prepared folder')
+    parser.add_argument("--data", help='perplexity on a corpus (file, glob, folder or "builtin") or a prepared folder')
+    parser.add_argument("--tasks", nargs="+", default=[], help="few-shot task files (JSONL)")
+    parser.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (default 0)")
+    parser.add_argument("--train", help="where demonstrations come from (default: each task file itself)")
+    parser.add_argument("--seed", type=int, default=1234, help="draws the demonstrations (default 1234)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation tasks (default 32)")
     parser.add_argument("--split", default="validation", choices=("train", "validation"),
                         help="the split of a prepared folder (default validation)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default: the "
                                                                     "model's window, else 1024)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    parser.add_argument("--out", help="also write the result as JSON to this file")
+    parser.add_argument("--out", help="also write the results: a JSON file (--data) or a folder (--tasks)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -51,22 +59,42 @@ def token_stream(data: str, split: str, tokenizer) -> tuple[np.ndarray, str]:
 
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    for name in ("seq_len", "batch_size", "max_tokens"):
+    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}={value} must be at least 1")
+    if args.shots < 0:
+        raise InputError(f"--shots={args.shots} must be 0 or more")
+    if not args.data and not args.tasks:
+        raise InputError("nothing to evaluate: give --data CORPUS|PREPARED (perplexity) and/or --tasks FILE.jsonl")
+    if args.data and args.tasks and args.out:
+        raise InputError("--out names one result: evaluate --data and --tasks in two calls")
+    from scaletrain.evaluation.fewshot import read_task
 
-    from scaletrain.evaluation.perplexity import perplexity
+    tasks = {Path(path).stem: read_task(path) for path in args.tasks}  # bad task files fail before the model loads
+    demonstrations = read_task(args.train) if args.train else None
+
     from scaletrain.inference.generate import context_length
     from scaletrain.inference.load import load_model
 
     loaded = load_model(args.path, args.device)
     if loaded.family != "gpt":
-        raise InputError(f"perplexity needs a left-to-right LM (family gpt); {args.path} is family {loaded.family}")
+        raise InputError(f"scaletrain eval scores left-to-right LMs (family gpt); {args.path} is family "
+                         f"{loaded.family}")
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")
     window = args.seq_len or window or 1024
+    if args.data:
+        _perplexity(args, loaded, window)
+    for name, examples in tasks.items():
+        _task(args, loaded, window, name, examples, demonstrations)
+    return 0
+
+
+def _perplexity(args, loaded, window: int) -> None:
+    from scaletrain.evaluation.perplexity import perplexity
+
     stream, what = token_stream(args.data, args.split, loaded.tokenizer)
     if args.max_tokens is not None:
         stream = stream[:args.max_tokens]
@@ -79,4 +107,26 @@ def cli(argv: list[str]) -> int:
     if args.out:
         record = dict(model=str(args.path), data=what, window=window, **vars(result))
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    return 0
+
+
+def _task(args, loaded, window: int, name: str, examples, demonstrations) -> None:
+    from scaletrain.evaluation import fewshot
+    from scaletrain.inference.cli import special_token_ids
+
+    prompts = fewshot.build_prompts(examples, demonstrations or examples, args.shots, args.seed)
+    encode, device = loaded.tokenizer.encode, next(loaded.model.parameters()).device
+    if examples[0].choices is not None:
+        scores = fewshot.score_multiple_choice(loaded.model, encode, prompts, window, args.batch_size, device)
+    else:
+        decode = lambda ids: loaded.tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
+        scores = fewshot.score_generation(loaded.model, encode, decode, prompts, window, special_token_ids(loaded),
+                                          args.max_new_tokens, args.batch_size)
+    settings = dict(task=name, model=str(args.path), shots=args.shots, seed=args.seed, train=args.train,
+                    separator=fewshot.SEPARATOR, delimiter=fewshot.DELIMITER, window=window)
+    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+          + f" ({args.shots}-shot)")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps({**settings, **scores}, indent=2) + "\n")
+        (out / f"{name}.prompts.json").write_text(json.dumps({**settings, "prompts": prompts}, indent=1) + "\n")

@@ -69,3 +69,80 @@ def test_perplexity_on_a_prepared_folder_and_bad_input(run, capsys):
         assert main(["eval", str(run / "run"), *data, *argv]) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and "\n" not in error, error
+
+
+MC = [{"context": f"question {i}: the {w} is", "choices": ["red", "a dog", "on the mat"], "answer": i % 3}
+      for i, w in enumerate(["cat", "sky", "sea", "dog", "mat", "sun"])]
+GEN = [{"context": "the cat sat on the", "answer": "mat"}, {"context": "a dog", "answer": "ran"},
+       {"context": "tokens are", "answer": "counted"}]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _hf_choice_logprob(model, tokenizer, prompt, choice, window):
+    ids = (tokenizer(prompt)["input_ids"] + tokenizer(" " + choice)["input_ids"])[-(window + 1):]
+    length = len(tokenizer(" " + choice)["input_ids"])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0], dim=-1)
+    return sum(float(logprobs[t - 1, ids[t]]) for t in range(len(ids) - length, len(ids)))
+
+
+def test_few_shot_multiple_choice_equals_transformers_and_its_saved_prompts_reproduce_it(run, tmp_path):
+    task, train = _write(tmp_path / "colors.jsonl", MC), _write(tmp_path / "train.jsonl", MC[:4])
+    assert main(["eval", str(run / "run"), "--tasks", str(task), "--shots", "2", "--train", str(train),
+                 "--seq-len", "24", "--batch-size", "4", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "colors.json").read_text())
+    saved = json.loads((tmp_path / "out" / "colors.prompts.json").read_text())
+    assert (saved["shots"], saved["seed"], saved["separator"]) == (2, 1234, "\n\n")
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    correct = correct_norm = 0
+    for record, p in zip(MC, saved["prompts"]):
+        demos = [MC[i] for i in p["demonstrations"]]
+        assert len(demos) == 2 and p["prompt"] == "\n\n".join(
+            [f"{d['context']} {d['choices'][d['answer']]}" for d in demos] + [record["context"]])
+        theirs = [_hf_choice_logprob(model, tokenizer, p["prompt"], c, 24) for c in record["choices"]]
+        assert p["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+        correct += int(np.argmax(theirs)) == record["answer"]
+        correct_norm += int(np.argmax([s / len(c) for s, c in zip(theirs, record["choices"])])) == record["answer"]
+    assert (result["acc"], result["acc_norm"]) == (correct / len(MC), correct_norm / len(MC))
+    # the same call draws the same demonstrations
+    assert main(["eval", str(run / "run"), "--tasks", str(task), "--shots", "2", "--train", str(train),
+                 "--seq-len", "24", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "colors.prompts.json").read_text())["prompts"] == saved["prompts"]
+
+
+def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, tmp_path):
+    task = _write(tmp_path / "words.jsonl", GEN)
+    assert main(["eval", str(run / "run"), "--tasks", str(task), "--shots", "1", "--max-new-tokens", "4",
+                 "--batch-size", "2", "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "words.prompts.json").read_text())["prompts"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    matches = 0
+    for record, p in zip(GEN, saved):
+        ids = torch.tensor([tokenizer(p["prompt"])["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+        assert p["generated"] == text
+        matches += text == record["answer"]
+    assert json.loads((tmp_path / "out" / "words.json").read_text())["exact_match"] == matches / len(GEN)
+
+
+@pytest.mark.parametrize("records, extra, message", [
+    ([], [], "holds no records"),
+    ([{"context": "a", "choices": ["b"], "answer": 0}], [], "at least two strings"),
+    ([{"context": "a", "choices": ["b", "c"], "answer": 2}], [], "must be the index of the right choice, 0..1"),
+    ([{"choices": ["b", "c"], "answer": 0}], [], 'needs a string "context"'),
+    ([{"context": "a", "choices": ["b", "c"], "answer": 0}], ["--shots", "3"], "--shots 3 needs at least 3"),
+    ([{"context": "a", "choices": ["b", "x " * 40], "answer": 0}], ["--seq-len", "8"], "the answer alone is"),
+])
+def test_bad_task_files_exit_2_with_one_line(run, tmp_path, capsys, records, extra, message):
+    task = _write(tmp_path / "bad.jsonl", records)
+    assert main(["eval", str(run / "run"), "--tasks", str(task), *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error, error

@@ -1,0 +1,171 @@
+"""Few-shot in-context evaluation of a GPT, as GPT-3 evaluated and lm-evaluation-harness does, on local JSONL:
+
+    multiple choice   {"context": str, "choices": [str, ...], "answer": index}: each choice scored by
+                      log p(delimiter + choice | prompt); acc takes the highest sum, acc_norm the highest sum
+                      per character of the choice (lm-eval's acc_norm)
+    generation        {"context": str, "answer": str}: greedy decoding up to the first newline, scored by
+                      exact match after stripping whitespace
+
+A prompt is K demonstrations (context, delimiter, their answer), drawn with a fixed seed from a train file,
+then the example's context, joined by the separator. Prompt and continuation are tokenized apart (no merge
+across their boundary), and a prompt longer than the window loses its oldest tokens, which is logged. Every
+prompt, with the chosen demonstrations and the per-choice scores, is returned so it can be saved and scored
+again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SEPARATOR, DELIMITER = "\n\n", " "  # between demonstrations; between a context and its answer
+
+
+@dataclass
+class Example:
+    context: str
+    answer: Union[int, str]  # a choice index, or the text to generate
+    choices: Optional[list[str]] = None  # None: a generation task
+
+    def target(self) -> str:
+        return self.choices[self.answer] if self.choices is not None else self.answer
+
+
+def _example(record, where: str) -> Example:
+    if not isinstance(record, dict) or not isinstance(record.get("context"), str) or "answer" not in record:
+        raise InputError(f"{where}: a task record needs a string \"context\" and an \"answer\" (and \"choices\" "
+                         f"for multiple choice)")
+    choices, answer = record.get("choices"), record["answer"]
+    if choices is None:
+        if not isinstance(answer, str):
+            raise InputError(f"{where}: a generation record's answer must be a string (give \"choices\" for "
+                             f"multiple choice)")
+        return Example(record["context"], answer)
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) < 2:
+        raise InputError(f"{where}: \"choices\" must list at least two strings")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise InputError(f"{where}: \"answer\" must be the index of the right choice, 0..{len(choices) - 1} "
+                         f"(it is {answer!r})")
+    return Example(record["context"], answer, choices)
+
+
+def read_task(path: Union[str, Path]) -> list[Example]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"task file {path} does not exist; pass a JSONL file of context/choices/answer records")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number}: not JSON ({error.msg}); write one record per line") from None
+        examples.append(_example(record, f"{path}:{number}"))
+    if not examples:
+        raise InputError(f"task file {path} holds no records; give it one JSON record per line")
+    kinds = {example.choices is None for example in examples}
+    if len(kinds) > 1:
+        raise InputError(f"{path} mixes multiple-choice and generation records; split them into two task files")
+    return examples
+
+
+def build_prompts(examples: list[Example], demonstrations: list[Example], shots: int, seed: int) -> list[dict]:
+    """One prompt per example: `shots` demonstrations drawn (without the example itself) with a generator
+    seeded by (seed, example index), so a prompt never depends on the others."""
+    available = len(demonstrations) - (demonstrations is examples)  # never an example's own record
+    if shots > available:
+        raise InputError(f"--shots {shots} needs at least {shots} demonstrations besides the example; the train "
+                         f"file holds {available}: lower --shots or give a larger --train file")
+    prompts = []
+    for index, example in enumerate(examples):
+        pool = [i for i, d in enumerate(demonstrations) if d is not example]
+        chosen = random.Random(seed * 1_000_003 + index).sample(pool, shots) if shots else []
+        parts = [demonstrations[i].context + DELIMITER + demonstrations[i].target() for i in chosen]
+        prompts.append({"prompt": SEPARATOR.join(parts + [example.context]), "demonstrations": chosen,
+                        "choices": example.choices, "answer": example.answer})
+    return prompts
+
+
+def _fit(prompt_ids: list[int], continuation: list[int], window: int, where: str) -> tuple[list[int], bool]:
+    """prompt + continuation cut from the left to window + 1 tokens; refused when the continuation alone
+    does not fit behind at least one prompt token."""
+    if len(continuation) >= window + 1:
+        raise InputError(f"{where}: the answer alone is {len(continuation)} tokens, more than the model's window "
+                         f"of {window}; shorten it or use a model with a longer context")
+    ids = prompt_ids + continuation
+    return ids[-(window + 1):], len(ids) > window + 1
+
+
+@torch.no_grad()
+def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], window: int,
+                          batch_size: int, device) -> list[float]:
+    """sum of log p(continuation tokens | everything before them) for each (prompt ids, continuation ids)."""
+    scores, truncated = [], 0
+    for first in range(0, len(pairs), batch_size):
+        rows = []
+        for prompt_ids, continuation in pairs[first:first + batch_size]:
+            ids, cut = _fit(prompt_ids, continuation, window, "a task record")
+            rows.append((ids, len(continuation)))
+            truncated += cut
+        longest = max(len(ids) for ids, _ in rows)
+        batch = torch.zeros(len(rows), longest, dtype=torch.long)
+        for row, (ids, _) in enumerate(rows):  # right padding: causal attention never reads it
+            batch[row, :len(ids)] = torch.tensor(ids)
+        batch = batch.to(device)
+        logprobs = F.log_softmax(model(batch[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+        for row, (ids, length) in enumerate(rows):
+            positions = torch.arange(len(ids) - 1 - length, len(ids) - 1, device=device)
+            scores.append(float(logprobs[row, positions, batch[row, positions + 1]].double().sum()))
+    if truncated:
+        log.warning("%d prompts were longer than the model's window of %d tokens: their oldest tokens were cut",
+                    truncated, window)
+    return scores
+
+
+def score_multiple_choice(model, encode, prompts: list[dict], window: int, batch_size: int, device) -> dict:
+    pairs = [(encode(p["prompt"]), encode(DELIMITER + choice)) for p in prompts for choice in p["choices"]]
+    flat = iter(continuation_logprobs(model, pairs, window, batch_size, device))
+    correct = correct_norm = 0
+    for p in prompts:
+        p["loglikelihoods"] = [next(flat) for _ in p["choices"]]
+        p["prediction"] = _argmax(p["loglikelihoods"])
+        p["prediction_norm"] = _argmax([s / len(c) for s, c in zip(p["loglikelihoods"], p["choices"])])
+        correct += p["prediction"] == p["answer"]
+        correct_norm += p["prediction_norm"] == p["answer"]
+    return {"acc": correct / len(prompts), "acc_norm": correct_norm / len(prompts), "examples": len(prompts)}
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal scores, as numpy's argmax
+
+
+def score_generation(model, encode, decode, prompts: list[dict], window: int, special: dict,
+                     max_new_tokens: int, batch_size: int) -> dict:
+    from scaletrain.inference.generate import GenerationConfig, generate
+
+    if max_new_tokens >= window:
+        raise InputError(f"--max-new-tokens={max_new_tokens} leaves no room for the prompt in the model's window of "
+                         f"{window} tokens; lower it")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=special["eos_token_id"],
+                           pad_token_id=special["pad_token_id"])
+    correct = 0
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first:first + batch_size]
+        ids = [encode(p["prompt"])[-(window - max_new_tokens):] for p in chunk]
+        for p, new in zip(chunk, generate(model, ids, cfg)):
+            text = decode(new).split("\n")[0].strip()  # up to the first newline, as lm-eval's until
+            p["generated"] = text
+            correct += text == p["answer"].strip()
+    return {"exact_match": correct / len(prompts), "examples": len(prompts)}
