@@ -6,6 +6,8 @@ line naming the field and the fix."""
 
 from __future__ import annotations
 
+import os
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -345,6 +347,9 @@ class TrainerConfig:
     seq_len: int = 128
     eval_every: int = 100
     eval_batches: int = 8  # LM objectives; a data.task evaluation scores every validation record
+    # few-shot task files (evaluation/fewshot.py) scored at every evaluation: task/<name>/acc, ... (GPT)
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_shots: int = 0  # demonstrations per prompt, drawn from the task file itself
     log_every: int = 10
     grad_clip: float = 1.0
     activation_checkpointing: str = "none"  # none | full | selective
@@ -356,7 +361,7 @@ class TrainerConfig:
 
     RANGES: ClassVar[Dict[str, str]] = {
         "max_steps": "[0, inf)", "max_tokens": "[0, inf)", "global_batch": "[1, inf)", "micro_batch": "[1, inf)",
-        "seq_len": "[1, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "log_every": "[1, inf)",
+        "seq_len": "[1, inf)", "eval_every": "[0, inf)", "eval_batches": "[1, inf)", "eval_shots": "[0, inf)", "log_every": "[1, inf)",
         "grad_clip": "[0, inf]", "loss_scale_init": "(0, inf)", "loss_scale_growth_interval": "[1, inf)",
         "max_nonfinite_steps": "[1, inf)", "sample_tokens": "[0, inf)"}
 
@@ -534,6 +539,7 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     _check(p.pp == 1 or (m.num_labels == 0 and cfg.data.task == "lm"), "pipeline parallelism trains the LM "
            "objectives; finetuning (data.task=classification|regression, model.num_labels > 0) needs parallel.pp=1")
     _check_task(cfg)
+    _check_eval_tasks(cfg)
     if m.family == "xlnet":
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
@@ -543,6 +549,20 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")
+
+
+def _check_eval_tasks(cfg: TrainConfig) -> None:
+    tasks, p = cfg.trainer.eval_tasks, cfg.parallel
+    if not tasks:
+        return
+    _check(cfg.model.family == "gpt" and cfg.data.task == "lm", "trainer.eval_tasks scores a left-to-right LM "
+           f"(family gpt, data.task=lm); this run is family {cfg.model.family}, data.task={cfg.data.task}")
+    _check(p.tp == 1 and p.pp == 1, f"trainer.eval_tasks runs under data parallelism only (parallel.tp={p.tp}, "
+           f"parallel.pp={p.pp}); evaluate the checkpoints with scaletrain eval --tasks instead")
+    _check(cfg.trainer.eval_every > 0, "trainer.eval_tasks runs at evaluations; set trainer.eval_every > 0")
+    for path in tasks:
+        _check(os.path.isfile(os.path.expanduser(path)), f"trainer.eval_tasks: {path} is not a file; give JSONL "
+               f"task files (context, choices, answer)")
 
 
 def _check_task(cfg: TrainConfig) -> None:

@@ -34,6 +34,7 @@ _INFO_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "-
 PATH_KEYS = ("model.init_from", "data.corpus", "data.prepared", "data.mixture_root", "data.tokenizer",
              "data.cache_dir", "data.train_files", "data.validation_files")
 _NOT_PATHS = ("", "builtin", "train")  # the keywords these keys take besides paths
+LIST_PATH_KEYS = ("trainer.eval_tasks",)  # lists of paths: [a.jsonl,b.jsonl]
 
 
 def absolute_paths(argv: Sequence[str], cwd: str) -> list[str]:
@@ -45,6 +46,11 @@ def absolute_paths(argv: Sequence[str], cwd: str) -> list[str]:
             value = ",".join(item if item in _NOT_PATHS or os.path.isabs(os.path.expanduser(item))
                              else os.path.join(cwd, item) for item in value.split(","))
             arg = f"{key}={value}"
+        elif key.lstrip("+") in LIST_PATH_KEYS and value.startswith("[") and value.endswith("]"):
+            items = [item.strip() for item in value[1:-1].split(",") if item.strip()]
+            value = ",".join(item if os.path.isabs(os.path.expanduser(item)) else os.path.join(cwd, item)
+                             for item in items)
+            arg = f"{key}=[{value}]"
         result.append(arg)
     return result
 

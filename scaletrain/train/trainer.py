@@ -123,6 +123,7 @@ class Trainer:
             cfg = self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                                  num_labels=self.data.num_labels))
         check_vocab(cfg.model, self.data.tokenizer, self.dims.tp)
+        self.eval_prompts = self._eval_task_prompts()
         self.loader = Loader(self.data.mixture or self.data.train, self.objective, t.seq_len, t.global_batch,
                              t.micro_batch, self.dims.dp_rank, self.dims.dp_size, cfg.seed)
 
@@ -372,6 +373,7 @@ class Trainer:
                       for name, s in zip(metric_names([s.name for s in sources]), sources)}
             val_loss = sum(weight * loss for weight, loss in losses.values())
             self.last_eval = {"val_loss": val_loss, **{f"val_loss/{name}": loss for name, (_, loss) in losses.items()}}
+        self._score_eval_tasks()
         self.model.train()
         if not self.task:
             self.last_eval["val_ppl"] = math.exp(min(self.last_eval["val_loss"], 50.0))
@@ -380,6 +382,32 @@ class Trainer:
         self.logger.log(self.state.step, self.last_eval)
         self.logger.write(f"step {self.state.step}: " + self._describe_eval())
         return self.last_eval
+
+    def _eval_task_prompts(self) -> dict[str, list[dict]]:
+        """trainer.eval_tasks: name -> the prompts, built once (demonstrations from the task file itself)."""
+        from scaletrain.evaluation.fewshot import build_prompts, read_task
+
+        prompts = {}
+        for path in self.cfg.trainer.eval_tasks:
+            examples = read_task(path)
+            prompts[Path(path).stem] = build_prompts(examples, examples, self.cfg.trainer.eval_shots, self.cfg.seed)
+        return prompts
+
+    def _score_eval_tasks(self) -> None:
+        """Every rank scores the same prompts (FSDP's gathers need all of them), so all log the same figures."""
+        from scaletrain.evaluation import fewshot
+
+        tokenizer, window = self.data.tokenizer, self.cfg.trainer.seq_len
+        for name, prompts in self.eval_prompts.items():
+            if prompts[0]["choices"] is not None:
+                scores = fewshot.score_multiple_choice(self.model, tokenizer.encode, prompts, window,
+                                                       self.cfg.trainer.micro_batch, self.device)
+            else:
+                decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
+                special = {"eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
+                scores = fewshot.score_generation(self.model, tokenizer.encode, decode, prompts, window, special,
+                                                  min(32, window // 2), self.cfg.trainer.micro_batch)
+            self.last_eval.update({f"task/{name}/{key}": value for key, value in scores.items() if key != "examples"})
 
     def _describe_eval(self) -> str:
         e = self.last_eval

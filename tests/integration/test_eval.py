@@ -146,3 +146,32 @@ def test_bad_task_files_exit_2_with_one_line(run, tmp_path, capsys, records, ext
     assert main(["eval", str(run / "run"), "--tasks", str(task), *extra]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error, error
+
+
+def test_trainer_eval_tasks_log_what_scaletrain_eval_gives_on_the_checkpoint(tmp_path):
+    task = _write(tmp_path / "colors.jsonl", MC)
+    overrides = tiny_overrides("gpt", "trainer.max_steps=2", "optim.warmup_steps=0", "trainer.eval_every=2",
+                               "checkpoint.every=2", f"trainer.eval_tasks=[{task}]", "trainer.eval_shots=1")
+    trainer = make_trainer(tmp_path / "run", overrides)
+    assert trainer.train() == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "task/colors/acc" in r]
+    assert [r["step"] for r in logged] == [2]
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["task/colors/acc_norm"] == logged[0]["task/colors/acc_norm"]
+    assert main(["eval", str(tmp_path / "run"), "--tasks", str(task), "--shots", "1", "--seed", "0",
+                 "--seq-len", "32", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "colors.json").read_text())
+    assert (result["acc"], result["acc_norm"]) == (final["task/colors/acc"], final["task/colors/acc_norm"])
+
+
+@pytest.mark.parametrize("family, extra, message", [
+    ("bert", [], "trainer.eval_tasks scores a left-to-right LM (family gpt, data.task=lm); this run is family bert"),
+    ("gpt", ["trainer.eval_every=0"], "trainer.eval_tasks runs at evaluations"),
+    ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file")])
+def test_eval_tasks_that_cannot_be_scored_are_refused(tmp_path, capsys, family, extra, message):
+    task = _write(tmp_path / "colors.jsonl", MC)
+    code = main(["train", *tiny_overrides(family, f"trainer.eval_tasks=[{task}]", "trainer.eval_every=5", *extra),
+                 f"hydra.run.dir={tmp_path / 'run'}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and "\n" not in error, error
