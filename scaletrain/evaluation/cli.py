@@ -78,9 +78,11 @@ def cli(argv: list[str]) -> int:
     from scaletrain.inference.load import load_model
 
     loaded = load_model(args.path, args.device)
-    if loaded.family != "gpt":
-        raise InputError(f"scaletrain eval scores left-to-right LMs (family gpt); {args.path} is family "
-                         f"{loaded.family}")
+    cloze = loaded.family == "bert"  # multiple choice by masked-token probabilities
+    if loaded.family != "gpt" and not (cloze and not args.data and all(t[0].choices for t in tasks.values())):
+        raise InputError(f"scaletrain eval scores a GPT (perplexity, multiple choice, generation) or a BERT "
+                         f"(cloze multiple choice); {args.path} is family {loaded.family}"
+                         + (" and a BERT has no perplexity or generation" if cloze else ""))
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")
@@ -115,7 +117,15 @@ def _task(args, loaded, window: int, name: str, examples, demonstrations) -> Non
 
     prompts = fewshot.build_prompts(examples, demonstrations or examples, args.shots, args.seed)
     encode, device = loaded.tokenizer.encode, next(loaded.model.parameters()).device
-    if examples[0].choices is not None:
+    if loaded.family == "bert":
+        from scaletrain.inference.cli import input_encoder
+
+        mask = loaded.tokenizer.role_token("mask")
+        if mask is None:
+            raise InputError(f"the tokenizer of {args.path} has no mask token, which cloze scoring needs")
+        scores = fewshot.score_cloze(loaded.model, input_encoder(loaded), encode, mask,
+                                     loaded.tokenizer.role_id("mask"), prompts, window, device)
+    elif examples[0].choices is not None:
         scores = fewshot.score_multiple_choice(loaded.model, encode, prompts, window, args.batch_size, device)
     else:
         decode = lambda ids: loaded.tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -1,10 +1,12 @@
-"""Few-shot in-context evaluation of a GPT, as GPT-3 evaluated and lm-evaluation-harness does, on local JSONL:
+"""Few-shot in-context evaluation of a GPT (and cloze multiple choice for a BERT), as GPT-3 evaluated and lm-evaluation-harness does, on local JSONL:
 
     multiple choice   {"context": str, "choices": [str, ...], "answer": index}: each choice scored by
                       log p(delimiter + choice | prompt); acc takes the highest sum, acc_norm the highest sum
                       per character of the choice (lm-eval's acc_norm)
     generation        {"context": str, "answer": str}: greedy decoding up to the first newline, scored by
                       exact match after stripping whitespace
+    cloze (encoders)  multiple choice for a BERT: the choice's tokens masked at once at the blank (___), or
+                      after the context, scored by the sum of their masked-token log-probabilities
 
 A prompt is K demonstrations (context, delimiter, their answer), drawn with a fixed seed from a train file,
 then the example's context, joined by the separator. Prompt and continuation are tokenized apart (no merge
@@ -169,3 +171,52 @@ def score_generation(model, encode, decode, prompts: list[dict], window: int, sp
             p["generated"] = text
             correct += text == p["answer"].strip()
     return {"exact_match": correct / len(prompts), "examples": len(prompts)}
+
+
+# ------------------------------------------------------------------------------------------- encoders
+
+BLANKS = ("___", "[MASK]", "<mask>")  # where a cloze choice goes; without one it follows the context
+
+
+def cloze_text(prompt: str, choice_tokens: int, mask_token: str) -> str:
+    """The prompt with its blank (or its end) replaced by one mask token per token of the choice."""
+    masks = " ".join([mask_token] * choice_tokens)
+    for blank in BLANKS:
+        if blank in prompt:
+            before, _, after = prompt.rpartition(blank)  # the example's own blank: the last one
+            return before + masks + after
+    return prompt + DELIMITER + masks
+
+
+@torch.no_grad()
+def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, prompts: list[dict],
+                window: int, device) -> dict:
+    """A masked LM's multiple choice: every token of the choice masked at once in the prompt, the score the
+    sum of log p(choice token | the masked text) at those positions. `frame(text)` -> ids with the family's
+    special tokens, `encode(text)` -> bare ids."""
+    from scaletrain.models.blocks import IGNORE_INDEX
+
+    correct = correct_norm = 0
+    for p in prompts:
+        scores = []
+        for choice in p["choices"]:
+            target = encode(DELIMITER + choice)
+            ids = frame(cloze_text(p["prompt"], len(target), mask_token))
+            if len(ids) > window:  # an encoder reads the whole text: no left truncation keeps the blank
+                raise InputError(f"a cloze prompt is {len(ids)} tokens, more than the model's window of {window}; "
+                                 f"use fewer --shots or shorter contexts")
+            ids = torch.tensor([ids], device=device)
+            is_mask = ids == mask_id
+            if int(is_mask.sum()) != len(target):
+                raise InputError(f"a cloze prompt holds {int(is_mask.sum())} mask tokens for a choice of "
+                                 f"{len(target)}; remove mask tokens from the context (mark the blank with ___)")
+            labels = torch.where(is_mask, ids, IGNORE_INDEX)
+            logits = model(ids, labels=labels)[0].float()  # (n, V): the masked positions in order
+            logprobs = F.log_softmax(logits, dim=-1)
+            scores.append(float(logprobs[torch.arange(len(target)), torch.tensor(target)].double().sum()))
+        p["loglikelihoods"] = scores
+        p["prediction"] = _argmax(scores)
+        p["prediction_norm"] = _argmax([s / len(c) for s, c in zip(scores, p["choices"])])
+        correct += p["prediction"] == p["answer"]
+        correct_norm += p["prediction_norm"] == p["answer"]
+    return {"acc": correct / len(prompts), "acc_norm": correct_norm / len(prompts), "examples": len(prompts)}

@@ -175,3 +175,34 @@ def test_eval_tasks_that_cannot_be_scored_are_refused(tmp_path, capsys, family, 
                  f"hydra.run.dir={tmp_path / 'run'}"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error, error
+
+
+CLOZE = [{"context": "the ___ sat on the mat", "choices": ["cat", "dog", "red sky"], "answer": 0},
+         {"context": "a dog ran", "choices": ["fast", "on the mat"], "answer": 1}]
+
+
+def test_cloze_on_a_bert_equals_transformers_masked_lm_probabilities(tmp_path):
+    overrides = tiny_overrides("bert")[:5] + ["model.nsp_head=false", "trainer.max_steps=1", "optim.warmup_steps=0"]
+    assert make_trainer(tmp_path / "run", overrides + tiny_overrides("gpt")[3:]).train() == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    task = _write(tmp_path / "cloze.jsonl", CLOZE)
+    assert main(["eval", str(tmp_path / "run"), "--tasks", str(task), "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "cloze.prompts.json").read_text())["prompts"]
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    correct = 0
+    for record, p in zip(CLOZE, saved):
+        theirs = []
+        for choice in record["choices"]:
+            target = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            masks = " ".join([tokenizer.mask_token] * len(target))
+            text = record["context"].replace("___", masks) if "___" in record["context"] else f"{record['context']} {masks}"
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0], dim=-1)
+            at = (ids[0] == tokenizer.mask_token_id).nonzero().flatten()
+            theirs.append(float(logprobs[at, torch.tensor(target)].sum()))
+        assert p["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+        correct += int(np.argmax(theirs)) == record["answer"]
+    assert json.loads((tmp_path / "out" / "cloze.json").read_text())["acc"] == correct / len(CLOZE)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(task)]) == 2  # no perplexity for a BERT
