@@ -47,7 +47,12 @@ def token_stream(data: str, split: str, tokenizer) -> tuple[np.ndarray, str]:
 
     path = Path(os.path.expanduser(data))
     if (path / "metadata.json").is_file():
-        prepared = open_prepared(path, tokenizer)  # refuses shards of another tokenizer, in one line
+        made_with = json.loads((path / "metadata.json").read_text()).get("tokenizer_hash", "")
+        if made_with != tokenizer.hash:
+            raise InputError(f"{path} was prepared with tokenizer {made_with[:12]}, not the model's "
+                             f"({tokenizer.hash[:12]}); prepare the corpus again with --tokenizer {tokenizer.source}, "
+                             f"or pass the corpus itself")
+        prepared = open_prepared(path, tokenizer)
         return getattr(prepared, split).tokens, f"{path} ({split} split)"
     corpus = load_corpus(data)
     eod, ids = tokenizer.eod_id, []

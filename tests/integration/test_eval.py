@@ -62,7 +62,11 @@ def test_perplexity_on_a_prepared_folder_and_bad_input(run, capsys):
     result = json.loads((run / "prepared.json").read_text())
     assert (result["tokens"], result["perplexity"]) == (count, pytest.approx(expected, rel=1e-5))
     capsys.readouterr()
+    assert main(["data", "prepare", "--corpus", str(run / "docs.jsonl"), "--tokenizer-vocab", "600",
+                 "--out", str(run / "other"), "--val-fraction", "0.4", "--no-progress"]) == 0
+    capsys.readouterr()
     for argv, message in ((["--seq-len", "0"], "--seq-len=0 must be at least 1"),
+                          (["--data", str(run / "other")], "was prepared with tokenizer"),
                           (["--seq-len", "4096"], "exceeds the model's window"),
                           (["--data", str(run / "missing.txt")], "missing.txt")):
         data = [] if "--data" in argv else ["--data", str(run / "docs.jsonl")]
