@@ -42,13 +42,13 @@ class ShardedWriter:
                             f"data.max_shard_bytes")
         self.prefix, self.max_tokens = Path(prefix), max_tokens
         self.make_writer, self.open_shard = make_writer, open_shard
-        self.finished: List[dict] = []  # {"prefix": name, "tokens": n, "documents": d} per closed shard
+        self.shards: List[dict] = []  # {"prefix": name, "tokens": n, "documents": d} per closed shard, in order
         self.checksums: dict = {}
         self.current = self._resume(resume_at) if resume_at else self.make_writer(self.prefix, None)
 
     def _total(self, key: str) -> int:
         open_shard = 0 if self.current is None else getattr(self.current, key)
-        return sum(shard[key] for shard in self.finished) + open_shard
+        return sum(shard[key] for shard in self.shards) + open_shard
 
     @property
     def tokens(self) -> int:
@@ -57,11 +57,6 @@ class ShardedWriter:
     @property
     def documents(self) -> int:
         return self._total("documents")
-
-    @property
-    def shards(self) -> List[dict]:
-        """After finish(): every shard of the split, in order."""
-        return self.finished
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """tokens: (sum(lengths),) the documents concatenated; lengths: (n_docs,). Cut at the documents
@@ -84,13 +79,13 @@ class ShardedWriter:
 
     def _next_shard(self) -> None:
         self._close_current()
-        self.current = self.make_writer(shard_prefix(self.prefix, len(self.finished)), None)
+        self.current = self.make_writer(shard_prefix(self.prefix, len(self.shards)), None)
 
     def _close_current(self) -> None:
         writer = self.current
         writer.finish()
         self.checksums.update(writer.checksums)
-        self.finished.append({"prefix": writer.prefix.name, "tokens": writer.tokens, "documents": writer.documents})
+        self.shards.append({"prefix": writer.prefix.name, "tokens": writer.tokens, "documents": writer.documents})
 
     def flush(self) -> None:
         self.current.flush()
@@ -132,7 +127,7 @@ class ShardedWriter:
         for path in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")):
             checksum = scan_file(path)[0]
             self.checksums[path.name] = {"bytes": path.stat().st_size, CHECKSUM: checksum.hexdigest()}
-        self.finished.append({"prefix": prefix.name, "tokens": shard.num_tokens, "documents": shard.num_documents})
+        self.shards.append({"prefix": prefix.name, "tokens": shard.num_tokens, "documents": shard.num_documents})
 
     def _reopen(self, prefix: Path, shard, tokens: int, documents: int):
         """A shard finished after the journal's point: back to a partial shard of its first `documents`."""
@@ -174,10 +169,6 @@ class ConcatTokens:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    @property
-    def size(self) -> int:
-        return len(self)
-
     def __getitem__(self, index) -> np.ndarray:
         if not isinstance(index, slice):
             index = int(index) + (len(self) if int(index) < 0 else 0)
@@ -196,10 +187,6 @@ class ConcatTokens:
         pieces = [self.parts[s][max(start - self.starts[s], 0):min(stop, self.starts[s + 1]) - self.starts[s]]
                   for s in range(first, last + 1)]
         return np.concatenate(pieces)
-
-    def __array__(self, dtype=None, copy=None):
-        whole = self[0:len(self)]
-        return whole if dtype is None else whole.astype(dtype)
 
 
 class ShardedSplit:

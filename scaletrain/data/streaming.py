@@ -69,10 +69,13 @@ def _init_worker(tokenizer_json: str) -> None:
 
 
 def _tokenize_chunk(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    return pack_documents(_worker_tokenizer, texts)
+
+
+def pack_documents(tokenizer: Tokenizer, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     """-> (tokens of every document followed by EOD, concatenated; per-document lengths incl. EOD)."""
     from scaletrain.data.indexed import token_dtype
 
-    tokenizer = _worker_tokenizer
     ids = tokenizer.encode_batch(texts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=token_dtype(tokenizer.vocab_size))

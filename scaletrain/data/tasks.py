@@ -61,7 +61,7 @@ class Record:
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _rows(path: Path, split: str, decode_errors: str) -> Iterator[tuple[str, dict]]:
+def read_rows(path: Path, split: str, decode_errors: str) -> Iterator[tuple[str, dict]]:
     """(where, record as a dict) for one file or saved `datasets` folder."""
     try:
         yield from _file_rows(path, split, decode_errors)
@@ -136,7 +136,7 @@ def read_records(spec: str, data_cfg, split: str) -> list[Record]:
     pair_field = data_cfg.text_pair_field
     records = []
     for path in files:
-        for where, row in _rows(path, split, data_cfg.decode_errors):
+        for where, row in read_rows(path, split, data_cfg.decode_errors):
             records.append(Record(_field(where, row, data_cfg.text_field, "text_field", True),
                                   _field(where, row, pair_field, "text_pair_field", True) if pair_field else None,
                                   _field(where, row, data_cfg.label_field, "label_field", False), where))

@@ -41,25 +41,24 @@ def _parser() -> ArgumentParser:
 
 
 def token_stream(data: str, split: str, tokenizer) -> tuple[np.ndarray, str]:
-    """-> (the tokens, what they are) for a prepared folder's split, or a corpus tokenized here."""
+    """-> (the tokens, what they are) for a prepared folder's split, or a corpus packed here as prepare packs it."""
     from scaletrain.data.corpus import load_corpus
     from scaletrain.data.prepare import open_prepared
+    from scaletrain.data.streaming import pack_documents
 
     path = Path(os.path.expanduser(data))
     if (path / "metadata.json").is_file():
-        made_with = json.loads((path / "metadata.json").read_text()).get("tokenizer_hash", "")
+        prepared = open_prepared(path)
+        made_with = prepared.metadata["tokenizer_hash"]
         if made_with != tokenizer.hash:
             raise InputError(f"{path} was prepared with tokenizer {made_with[:12]}, not the model's "
                              f"({tokenizer.hash[:12]}); prepare the corpus again with --tokenizer {tokenizer.source}, "
                              f"or pass the corpus itself")
-        prepared = open_prepared(path, tokenizer)
         return getattr(prepared, split).tokens, f"{path} ({split} split)"
     corpus = load_corpus(data)
-    eod, ids = tokenizer.eod_id, []
-    for document in corpus.documents():
-        if document.strip():
-            ids.extend(tokenizer.encode(document) + [eod])
-    return np.asarray(ids, dtype=np.int64), f"corpus {corpus.name}"
+    documents = [document for document in corpus.documents() if document.strip()]
+    tokens = pack_documents(tokenizer, documents)[0] if documents else np.zeros(0, np.int64)
+    return tokens.astype(np.int64), f"corpus {corpus.name}"
 
 
 def cli(argv: list[str]) -> int:
@@ -83,11 +82,12 @@ def cli(argv: list[str]) -> int:
     from scaletrain.inference.load import load_model
 
     loaded = load_model(args.path, args.device)
-    cloze = loaded.family == "bert"  # multiple choice by masked-token probabilities
-    if loaded.family != "gpt" and not (cloze and not args.data and all(t[0].choices for t in tasks.values())):
+    # a BERT scores multiple choice as a cloze; it has no perplexity and does not generate
+    bert_can = loaded.family == "bert" and not args.data and all(t[0].choices for t in tasks.values())
+    if loaded.family != "gpt" and not bert_can:
         raise InputError(f"scaletrain eval scores a GPT (perplexity, multiple choice, generation) or a BERT "
                          f"(cloze multiple choice); {args.path} is family {loaded.family}"
-                         + (" and a BERT has no perplexity or generation" if cloze else ""))
+                         + (" and a BERT has no perplexity or generation" if loaded.family == "bert" else ""))
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")
@@ -118,24 +118,12 @@ def _perplexity(args, loaded, window: int) -> None:
 
 def _task(args, loaded, window: int, name: str, examples, demonstrations) -> None:
     from scaletrain.evaluation import fewshot
-    from scaletrain.inference.cli import special_token_ids
+    from scaletrain.inference.cli import input_encoder, special_token_ids
 
     prompts = fewshot.build_prompts(examples, demonstrations or examples, args.shots, args.seed)
-    encode, device = loaded.tokenizer.encode, next(loaded.model.parameters()).device
-    if loaded.family == "bert":
-        from scaletrain.inference.cli import input_encoder
-
-        mask = loaded.tokenizer.role_token("mask")
-        if mask is None:
-            raise InputError(f"the tokenizer of {args.path} has no mask token, which cloze scoring needs")
-        scores = fewshot.score_cloze(loaded.model, input_encoder(loaded), encode, mask,
-                                     loaded.tokenizer.role_id("mask"), prompts, window, device)
-    elif examples[0].choices is not None:
-        scores = fewshot.score_multiple_choice(loaded.model, encode, prompts, window, args.batch_size, device)
-    else:
-        decode = lambda ids: loaded.tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
-        scores = fewshot.score_generation(loaded.model, encode, decode, prompts, window, special_token_ids(loaded),
-                                          args.max_new_tokens, args.batch_size)
+    scores = fewshot.score_task(loaded.model, loaded.family, loaded.tokenizer, input_encoder(loaded), prompts, window,
+                                args.batch_size, next(loaded.model.parameters()).device, special_token_ids(loaded),
+                                args.max_new_tokens)
     settings = dict(task=name, model=str(args.path), shots=args.shots, seed=args.seed, train=args.train,
                     separator=fewshot.SEPARATOR, delimiter=fewshot.DELIMITER, window=window)
     print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())

@@ -16,7 +16,6 @@ again."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.errors import InputError
+from scaletrain.inference.generate import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,13 @@ def _example(record, where: str) -> Example:
 
 
 def read_task(path: Union[str, Path]) -> list[Example]:
+    """A task file (JSONL, or any record format data.tasks reads) -> its examples, all of one kind."""
+    from scaletrain.data.tasks import read_rows
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"task file {path} does not exist; pass a JSONL file of context/choices/answer records")
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not JSON ({error.msg}); write one record per line") from None
-        examples.append(_example(record, f"{path}:{number}"))
+    examples = [_example(record, where) for where, record in read_rows(path, "test", "strict")]
     if not examples:
         raise InputError(f"task file {path} holds no records; give it one JSON record per line")
     kinds = {example.choices is None for example in examples}
@@ -121,11 +116,8 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
             ids, cut = _fit(prompt_ids, continuation, window, "a task record")
             rows.append((ids, len(continuation)))
             truncated += cut
-        longest = max(len(ids) for ids, _ in rows)
-        batch = torch.zeros(len(rows), longest, dtype=torch.long)
-        for row, (ids, _) in enumerate(rows):  # right padding: causal attention never reads it
-            batch[row, :len(ids)] = torch.tensor(ids)
-        batch = batch.to(device)
+        # right padding: causal attention never reads it
+        batch, _ = pad_batch([ids for ids, _ in rows], pad_id=0, left=False, device=device)
         logprobs = F.log_softmax(model(batch[:, :-1]).float(), dim=-1)  # (B, T-1, V)
         for row, (ids, length) in enumerate(rows):
             positions = torch.arange(len(ids) - 1 - length, len(ids) - 1, device=device)
@@ -139,9 +131,15 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
 def score_multiple_choice(model, encode, prompts: list[dict], window: int, batch_size: int, device) -> dict:
     pairs = [(encode(p["prompt"]), encode(DELIMITER + choice)) for p in prompts for choice in p["choices"]]
     flat = iter(continuation_logprobs(model, pairs, window, batch_size, device))
-    correct = correct_norm = 0
     for p in prompts:
         p["loglikelihoods"] = [next(flat) for _ in p["choices"]]
+    return grade_choices(prompts)
+
+
+def grade_choices(prompts: list[dict]) -> dict:
+    """Each prompt's predictions from its per-choice `loglikelihoods` -> acc, and acc_norm per character."""
+    correct = correct_norm = 0
+    for p in prompts:
         p["prediction"] = _argmax(p["loglikelihoods"])
         p["prediction_norm"] = _argmax([s / len(c) for s, c in zip(p["loglikelihoods"], p["choices"])])
         correct += p["prediction"] == p["answer"]
@@ -196,7 +194,6 @@ def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, 
     special tokens, `encode(text)` -> bare ids."""
     from scaletrain.models.blocks import IGNORE_INDEX
 
-    correct = correct_norm = 0
     for p in prompts:
         scores = []
         for choice in p["choices"]:
@@ -215,8 +212,19 @@ def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, 
             logprobs = F.log_softmax(logits, dim=-1)
             scores.append(float(logprobs[torch.arange(len(target)), torch.tensor(target)].double().sum()))
         p["loglikelihoods"] = scores
-        p["prediction"] = _argmax(scores)
-        p["prediction_norm"] = _argmax([s / len(c) for s, c in zip(scores, p["choices"])])
-        correct += p["prediction"] == p["answer"]
-        correct_norm += p["prediction_norm"] == p["answer"]
-    return {"acc": correct / len(prompts), "acc_norm": correct_norm / len(prompts), "examples": len(prompts)}
+    return grade_choices(prompts)
+
+
+def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[dict], window: int, batch_size: int,
+               device, special: dict, max_new_tokens: int) -> dict:
+    """One task's metrics, by the model's family and the task's kind (scaletrain eval and the trainer):
+    a BERT's cloze, a GPT's multiple choice or generation. `frame(text)` -> ids with the family's specials."""
+    if family == "bert":
+        mask = tokenizer.role_token("mask")
+        if mask is None:
+            raise InputError("the model's tokenizer has no mask token, which cloze scoring needs")
+        return score_cloze(model, frame, tokenizer.encode, mask, tokenizer.role_id("mask"), prompts, window, device)
+    if prompts[0]["choices"] is not None:
+        return score_multiple_choice(model, tokenizer.encode, prompts, window, batch_size, device)
+    decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return score_generation(model, tokenizer.encode, decode, prompts, window, special, max_new_tokens, batch_size)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from scaletrain.inference.generate import pad_batch
+
 
 @dataclass
 class Perplexity:
@@ -36,13 +38,9 @@ def perplexity(model: nn.Module, stream, window: int, batch_size: int = 8, devic
     total_nll, total_tokens = 0.0, 0
     for first in tqdm(range(0, len(pieces), batch_size), desc="perplexity", unit="batch", disable=not progress,
                       leave=False):
-        batch = pieces[first:first + batch_size]
-        longest = max(len(piece) for piece in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, piece in enumerate(batch):  # right-padded: a causal model's real tokens never see the pads
-            ids[row, :len(piece)], mask[row, :len(piece)] = torch.from_numpy(piece), 1
-        ids, mask = ids.to(device), mask.to(device)
+        # right-padded: a causal model's real tokens never see the pads
+        ids, mask = pad_batch([piece.tolist() for piece in pieces[first:first + batch_size]], pad_id=0, left=False,
+                              device=device)
         logits = model(ids[:, :-1]).float()  # (B, T, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T)
         predicted = mask[:, 1:].bool()

@@ -398,15 +398,10 @@ class Trainer:
         from scaletrain.evaluation import fewshot
 
         tokenizer, window = self.data.tokenizer, self.cfg.trainer.seq_len
-        for name, prompts in self.eval_prompts.items():
-            if prompts[0]["choices"] is not None:
-                scores = fewshot.score_multiple_choice(self.model, tokenizer.encode, prompts, window,
-                                                       self.cfg.trainer.micro_batch, self.device)
-            else:
-                decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
-                special = {"eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
-                scores = fewshot.score_generation(self.model, tokenizer.encode, decode, prompts, window, special,
-                                                  min(32, window // 2), self.cfg.trainer.micro_batch)
+        special = {"eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
+        for name, prompts in self.eval_prompts.items():  # eval_tasks is GPT-only (schema): no framing needed
+            scores = fewshot.score_task(self.model, "gpt", tokenizer, None, prompts, window,
+                                        self.cfg.trainer.micro_batch, self.device, special, min(32, window // 2))
             self.last_eval.update({f"task/{name}/{key}": value for key, value in scores.items() if key != "examples"})
 
     def _describe_eval(self) -> str:
