@@ -216,6 +216,11 @@ def detect_format(files: List[Path], format: str) -> str:
         return "parquet"
     if any(p.name == "dataset_info.json" for p in files):
         return "hf_disk"
+    structured = sorted(suffixes & (JSONL_SUFFIXES | PARQUET_SUFFIXES))
+    if structured:  # read as text, their records' JSON / bytes would become the documents
+        others = ", ".join(sorted(suffixes - set(structured)))
+        raise DataError(f"the corpus mixes {', '.join(structured)} files with {others} files; put each format in its "
+                        f"own folder (or name one with data.format)")
     return "text"
 
 

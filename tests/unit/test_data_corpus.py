@@ -119,3 +119,13 @@ def test_a_one_sided_split_moves_the_last_document_across(tmp_path, val_fraction
     for name in ("b", "c"):
         (tmp_path / f"{name}.txt").unlink()
     assert split_documents(load_corpus(str(tmp_path)), val_fraction) == (["a one"], ["a one"])
+
+
+def test_a_folder_mixing_jsonl_and_text_is_refused_not_read_as_text(tmp_path):
+    from scaletrain.data.corpus import load_corpus
+    from scaletrain.errors import DataError
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "b.txt").write_text("two\n")
+    with pytest.raises(DataError, match=r"mixes \.jsonl files with \.txt files"):
+        list(load_corpus(str(tmp_path)).documents())
