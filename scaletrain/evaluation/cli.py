@@ -5,7 +5,10 @@
                        documents are tokenized as prepare packs them (the text, then end-of-document)
     --tasks F.jsonl    few-shot multiple-choice or generation tasks (evaluation/fewshot.py), --shots K
                        demonstrations drawn from --train (default: the task file itself) with --seed; with
-                       --out DIR each task writes <name>.json (scores, settings) and <name>.prompts.json"""
+                       --out DIR each task writes <name>.json (scores, settings) and <name>.prompts.json
+    --replay F.json    scores the prompts a <name>.prompts.json saved, exactly as saved (same window and
+                       generation length; no task or train file), and says whether the scores are the saved
+                       ones: exit 1 when they differ"""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def _parser() -> ArgumentParser:
     parser.add_argument("path", help="a run folder, a checkpoint step-* folder or a Hugging Face folder")
     parser.add_argument("--data", help='perplexity on a corpus (file, glob, folder or "builtin") or a prepared folder')
     parser.add_argument("--tasks", nargs="+", default=[], help="few-shot task files (JSONL)")
+    parser.add_argument("--replay", nargs="+", default=[], help="saved <task>.prompts.json files to score again")
     parser.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (default 0)")
     parser.add_argument("--train", help="where demonstrations come from (default: each task file itself)")
     parser.add_argument("--seed", type=int, default=1234, help="draws the demonstrations (default 1234)")
@@ -69,13 +73,18 @@ def cli(argv: list[str]) -> int:
             raise InputError(f"--{name.replace('_', '-')}={value} must be at least 1")
     if args.shots < 0:
         raise InputError(f"--shots={args.shots} must be 0 or more")
-    if not args.data and not args.tasks:
-        raise InputError("nothing to evaluate: give --data CORPUS|PREPARED (perplexity) and/or --tasks FILE.jsonl")
+    if not args.data and not args.tasks and not args.replay:
+        raise InputError("nothing to evaluate: give --data CORPUS|PREPARED (perplexity) and/or --tasks FILE.jsonl "
+                         "(or --replay NAME.prompts.json)")
+    if args.replay and (args.data or args.tasks or args.train or args.shots or args.seq_len):
+        raise InputError("--replay scores the saved prompts with their saved window: drop --data, --tasks, --train, "
+                         "--shots and --seq-len")
     if args.data and args.tasks and args.out:
         raise InputError("--out names one result: evaluate --data and --tasks in two calls")
-    from scaletrain.evaluation.fewshot import read_task
+    from scaletrain.evaluation.fewshot import read_saved_prompts, read_task
 
     tasks = {Path(path).stem: read_task(path) for path in args.tasks}  # bad task files fail before the model loads
+    replays = [(path, *read_saved_prompts(path)) for path in args.replay]
     demonstrations = read_task(args.train) if args.train else None
 
     from scaletrain.inference.generate import context_length
@@ -83,7 +92,8 @@ def cli(argv: list[str]) -> int:
 
     loaded = load_model(args.path, args.device)
     # a BERT scores multiple choice as a cloze; it has no perplexity and does not generate
-    bert_can = loaded.family == "bert" and not args.data and all(t[0].choices for t in tasks.values())
+    bert_can = loaded.family == "bert" and not args.data and all(t[0].choices for t in tasks.values()) and all(
+        prompts[0]["choices"] for _, _, prompts in replays)
     if loaded.family != "gpt" and not bert_can:
         raise InputError(f"scaletrain eval scores a GPT (perplexity, multiple choice, generation) or a BERT "
                          f"(cloze multiple choice); {args.path} is family {loaded.family}"
@@ -91,12 +101,17 @@ def cli(argv: list[str]) -> int:
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")
+    for path, settings, _ in replays:
+        if window is not None and (settings.get("window") or 0) > window:
+            raise InputError(f"{path} was scored with a window of {settings['window']} tokens, more than this "
+                             f"model's {window}: replay it on a model with that window")
     window = args.seq_len or window or 1024
     if args.data:
         _perplexity(args, loaded, window)
     for name, examples in tasks.items():
         _task(args, loaded, window, name, examples, demonstrations)
-    return 0
+    return max([_replay(args, loaded, window, *replay) for replay in replays], default=0)
+
 
 
 def _perplexity(args, loaded, window: int) -> None:
@@ -116,20 +131,60 @@ def _perplexity(args, loaded, window: int) -> None:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _task(args, loaded, window: int, name: str, examples, demonstrations) -> None:
+def _score(args, loaded, window: int, prompts: list[dict], max_new_tokens: int) -> dict:
     from scaletrain.evaluation import fewshot
     from scaletrain.inference.cli import input_encoder, special_token_ids
 
+    return fewshot.score_task(loaded.model, loaded.family, loaded.tokenizer, input_encoder(loaded), prompts, window,
+                              args.batch_size, next(loaded.model.parameters()).device, special_token_ids(loaded),
+                              max_new_tokens)
+
+
+def _task(args, loaded, window: int, name: str, examples, demonstrations) -> None:
+    from scaletrain.evaluation import fewshot
+
     prompts = fewshot.build_prompts(examples, demonstrations or examples, args.shots, args.seed)
-    scores = fewshot.score_task(loaded.model, loaded.family, loaded.tokenizer, input_encoder(loaded), prompts, window,
-                                args.batch_size, next(loaded.model.parameters()).device, special_token_ids(loaded),
-                                args.max_new_tokens)
+    scores = _score(args, loaded, window, prompts, args.max_new_tokens)
     settings = dict(task=name, model=str(args.path), shots=args.shots, seed=args.seed, train=args.train,
-                    separator=fewshot.SEPARATOR, delimiter=fewshot.DELIMITER, window=window)
-    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-          + f" ({args.shots}-shot)")
-    if args.out:
-        out = Path(args.out)
+                    separator=fewshot.SEPARATOR, delimiter=fewshot.DELIMITER, window=window,
+                    max_new_tokens=args.max_new_tokens)
+    print(f"{name}: {_describe(scores)} ({args.shots}-shot)")
+    _write_results(args.out, name, settings, scores, prompts)
+
+
+def _describe(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+
+
+def _write_results(out, name: str, settings: dict, scores: dict, prompts: list[dict]) -> None:
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps({**settings, **scores}, indent=2) + "\n")
-        (out / f"{name}.prompts.json").write_text(json.dumps({**settings, "prompts": prompts}, indent=1) + "\n")
+        (out / f"{name}.prompts.json").write_text(json.dumps({**settings, "scores": scores, "prompts": prompts},
+                                                             indent=1) + "\n")
+
+
+def _replay(args, loaded, model_window: int, path: str, settings: dict, prompts: list[dict]) -> int:
+    """Scores saved prompts again -> 0 when every score is the saved one, 1 when one differs."""
+    name = settings.get("task") or Path(path).name.removesuffix(".prompts.json")
+    settings = dict(settings)
+    saved = settings.pop("scores", None) or _sibling_scores(Path(path), name) or {}
+    window = settings.get("window") or model_window
+    scores = _score(args, loaded, window, prompts, settings.get("max_new_tokens", args.max_new_tokens))
+    differ = {k: (v, saved[k]) for k, v in scores.items() if k in saved and saved[k] != v}
+    if not saved:
+        verdict = "no saved scores to compare with"
+    elif differ:
+        verdict = "DIFFERENT from the saved scores: " + ", ".join(f"{k} {v} (saved {s})" for k, (v, s) in differ.items())
+    else:
+        verdict = "the saved scores"
+    print(f"{name} (replayed {len(prompts)} prompts of {path}, window {window}): {_describe(scores)}; {verdict}")
+    _write_results(args.out, name, {**settings, "model": str(args.path), "replayed": str(path)}, scores, prompts)
+    return int(bool(differ))
+
+
+def _sibling_scores(path: Path, name: str):
+    """Scores of a prompts file written before they were saved in it: the <task>.json beside it."""
+    sibling = path.with_name(f"{name}.json")
+    return json.loads(sibling.read_text()) if sibling.is_file() else {}

@@ -78,6 +78,39 @@ def read_task(path: Union[str, Path]) -> list[Example]:
     return examples
 
 
+PROMPT_INPUTS = ("prompt", "demonstrations", "choices", "answer")  # what a saved prompt is scored from
+
+
+def read_saved_prompts(path: Union[str, Path]) -> tuple[dict, list[dict]]:
+    """A <task>.prompts.json written by scaletrain eval --out -> (its settings and saved scores, the prompts
+    with only their inputs), so they can be scored again exactly as they were built."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"--replay {path} does not exist; pass a <task>.prompts.json written by scaletrain eval --out")
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(f"--replay {path} is not JSON ({error}); pass a <task>.prompts.json") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("prompts"), list) or not saved["prompts"]:
+        raise InputError(f"--replay {path} holds no \"prompts\" list; pass a <task>.prompts.json written by "
+                         f"scaletrain eval --out")
+    prompts = []
+    for index, p in enumerate(saved["prompts"]):
+        where = f"{path} prompt {index}"
+        record = p if isinstance(p, dict) else {}
+        _example({"context": record.get("prompt"), "choices": record.get("choices"), "answer": record.get("answer")},
+                 where)  # the same checks as a task record
+        prompts.append({key: record.get(key) for key in PROMPT_INPUTS})
+    if len({p["choices"] is None for p in prompts}) > 1:
+        raise InputError(f"--replay {path} mixes multiple-choice and generation prompts")
+    if saved.get("delimiter", DELIMITER) != DELIMITER:  # the choices are scored as delimiter + choice
+        raise InputError(f"--replay {path} was built with delimiter {saved['delimiter']!r}; this version scores "
+                         f"with {DELIMITER!r}, so its scores would not be comparable")
+    return {k: v for k, v in saved.items() if k != "prompts"}, prompts
+
+
 def build_prompts(examples: list[Example], demonstrations: list[Example], shots: int, seed: int) -> list[dict]:
     """One prompt per example: `shots` demonstrations drawn (without the example itself) with a generator
     seeded by (seed, example index), so a prompt never depends on the others."""

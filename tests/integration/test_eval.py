@@ -117,6 +117,33 @@ def test_few_shot_multiple_choice_equals_transformers_and_its_saved_prompts_repr
     assert main(["eval", str(run / "run"), "--tasks", str(task), "--shots", "2", "--train", str(train),
                  "--seq-len", "24", "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "colors.prompts.json").read_text())["prompts"] == saved["prompts"]
+    _replay_reproduces(run, tmp_path, "colors", saved, ("acc", "acc_norm"))
+
+
+def _replay_reproduces(run, tmp_path, name, saved, metrics):
+    """The saved prompts alone (task and train files gone) give the saved scores on the run and on its export;
+    a saved score changed by hand is reported as not reproduced (exit 1)."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / f"{name}.prompts.json").write_text(json.dumps(saved))
+    for path in tmp_path.glob("*.jsonl"):
+        path.unlink()
+    for model in ("run", "hf"):
+        out = tmp_path / f"replayed-{model}"
+        assert main(["eval", str(run / model), "--replay", str(alone / f"{name}.prompts.json"), "--batch-size", "3",
+                     "--out", str(out)]) == 0
+        again = json.loads((out / f"{name}.prompts.json").read_text())
+        assert [p["prompt"] for p in again["prompts"]] == [p["prompt"] for p in saved["prompts"]]
+        assert again["window"] == saved["window"] and again["replayed"].endswith(f"{name}.prompts.json")
+        for key in metrics:
+            assert again["scores"][key] == saved["scores"][key]
+        for ours, theirs in zip(again["prompts"], saved["prompts"]):
+            for key in ("loglikelihoods", "generated"):
+                if key in theirs:
+                    assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
+    tampered = dict(saved, scores={**saved["scores"], metrics[0]: saved["scores"][metrics[0]] + 0.5})
+    (alone / "tampered.prompts.json").write_text(json.dumps(tampered))
+    assert main(["eval", str(run / "run"), "--replay", str(alone / "tampered.prompts.json")]) == 1
 
 
 def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, tmp_path):
@@ -135,6 +162,8 @@ def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, 
         assert p["generated"] == text
         matches += text == record["answer"]
     assert json.loads((tmp_path / "out" / "words.json").read_text())["exact_match"] == matches / len(GEN)
+    _replay_reproduces(run, tmp_path, "words", json.loads((tmp_path / "out" / "words.prompts.json").read_text()),
+                       ("exact_match",))
 
 
 @pytest.mark.parametrize("records, extra, message", [
@@ -148,6 +177,24 @@ def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, 
 def test_bad_task_files_exit_2_with_one_line(run, tmp_path, capsys, records, extra, message):
     task = _write(tmp_path / "bad.jsonl", records)
     assert main(["eval", str(run / "run"), "--tasks", str(task), *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    (None, [], "does not exist"),
+    ("{not json", [], "is not JSON"),
+    ({"prompts": []}, [], 'holds no "prompts" list'),
+    ({"prompts": [{"prompt": "a", "choices": ["b"], "answer": 0}]}, [], "at least two strings"),
+    ({"delimiter": "\n", "prompts": [{"prompt": "a", "choices": ["b", "c"], "answer": 0}]}, [], "delimiter"),
+    ({"window": 4096, "prompts": [{"prompt": "a", "choices": ["b", "c"], "answer": 0}]}, [], "replay it on a model"),
+    ({"prompts": [{"prompt": "a", "choices": ["b", "c"], "answer": 0}]}, ["--shots", "1"], "drop --data"),
+])
+def test_bad_replay_files_exit_2_with_one_line(run, tmp_path, capsys, content, extra, message):
+    path = tmp_path / "bad.prompts.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert main(["eval", str(run / "run"), "--replay", str(path), *extra]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error, error
 
