@@ -1,4 +1,6 @@
 """`scaletrain scaling fit <sweep folder> [--bootstrap 100] [--out DIR]` and
+`scaletrain scaling fit <sweep folder> --metric task/<name>/acc [--floor 0.25] [--ceiling 1]` (a task score
+against compute, scaling/score_fit.py) and
 `scaletrain scaling optimal --compute 1e21 [--inference-tokens 1e12] [--fit fit.json]`.
 
 The sweep folder is a Hydra multirun directory of `scaletrain train` jobs. Its summary.csv (train/summary.py)
@@ -23,6 +25,7 @@ from scaletrain.plan.memory import count_parameters, non_embedding_parameters
 from scaletrain.scaling.fit import (CHINCHILLA_PUBLISHED, ChinchillaLaw, Run, ScalingFitError, bootstrap_chinchilla,
                                     check_enough_points, fit_chinchilla, fit_warnings, kaplan_fits)
 from scaletrain.scaling.optimal import chinchilla_optimal, inference_aware_optimal
+from scaletrain.scaling.score_fit import ScorePoint, fit_score_law, score_warnings
 
 SUMMARY_FILE = "summary.csv"
 FIT_FILE = "scaling_fit.json"
@@ -38,30 +41,72 @@ def _model_config(job_dir: Path) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in model.items() if k in known})
 
 
-def read_sweep(sweep_dir: Path) -> List[Run]:
+def _summary_rows(sweep_dir: Path) -> List[dict]:
     summary = sweep_dir / SUMMARY_FILE
     if not summary.is_file():
         raise ScalingFitError(f"{summary} not found; point at a `scaletrain train --multirun` folder "
                               f"(it writes {SUMMARY_FILE} when the sweep ends)")
-    runs = []
     with open(summary, newline="") as handle:
-        for row in csv.DictReader(handle):
-            loss = next((row[c] for c in LOSS_COLUMNS if row.get(c) not in (None, "")), None)
-            if row.get("status") != "ok" or loss is None or not row.get("tokens"):
-                continue
-            if row.get("params") and row.get("non_embedding_params"):
-                params, non_embedding = float(row["params"]), float(row["non_embedding_params"])
-            else:
-                cfg = _model_config(sweep_dir / row["job"])
-                params, non_embedding = count_parameters(cfg), non_embedding_parameters(cfg)
-            if math.isfinite(float(loss)):
-                runs.append(Run(row["job"], params, non_embedding, float(row["tokens"]), float(loss)))
+        return [row for row in csv.DictReader(handle) if row.get("status") == "ok" and row.get("tokens")]
+
+
+def _sizes(sweep_dir: Path, row: dict) -> tuple:
+    """(total, non-embedding) parameters of a job: its summary columns, else its composed model config."""
+    if row.get("params") and row.get("non_embedding_params"):
+        return float(row["params"]), float(row["non_embedding_params"])
+    cfg = _model_config(sweep_dir / row["job"])
+    return count_parameters(cfg), non_embedding_parameters(cfg)
+
+
+def read_sweep(sweep_dir: Path) -> List[Run]:
+    runs = []
+    for row in _summary_rows(sweep_dir):
+        loss = next((row[c] for c in LOSS_COLUMNS if row.get(c) not in (None, "")), None)
+        if loss is not None and math.isfinite(float(loss)):
+            runs.append(Run(row["job"], *_sizes(sweep_dir, row), float(row["tokens"]), float(loss)))
     try:
         check_enough_points(runs)
     except ScalingFitError as error:
-        raise ScalingFitError(f"{summary}: {error} (a job without final metrics does not count; check the "
-                              f"failed jobs' logs)") from None
+        raise ScalingFitError(f"{sweep_dir / SUMMARY_FILE}: {error} (a job without final metrics does not count; "
+                              f"check the failed jobs' logs)") from None
     return runs
+
+
+def read_scores(sweep_dir: Path, metric: str) -> List[ScorePoint]:
+    """Each finished job's (compute, summary.csv's `metric` column)."""
+    rows = _summary_rows(sweep_dir)
+    if rows and metric not in rows[0]:
+        have = sorted(k for k in rows[0] if k.startswith("task/")) or ["none: set trainer.eval_tasks in the sweep"]
+        raise ScalingFitError(f"{sweep_dir / SUMMARY_FILE} has no column {metric}; its task scores: {', '.join(have)}")
+    points = []
+    for row in rows:
+        if row.get(metric) not in (None, "") and math.isfinite(float(row[metric])):
+            params, _ = _sizes(sweep_dir, row)
+            points.append(ScorePoint(row["job"], 6.0 * params * float(row["tokens"]), float(row[metric])))
+    return points
+
+
+def score_fit_command(args) -> int:
+    points = read_scores(args.sweep, args.metric)
+    law = fit_score_law(points, args.floor, args.ceiling)
+    print(f"{len(points)} runs; {args.metric} = {law.floor:g} + ({law.ceiling:g} - {law.floor:g}) · "
+          f"sigmoid(slope · (log10 C - log10 C_mid)), C = 6·N·D")
+    print(f"  slope = {law.slope:.4g} logits per decade of compute, C_mid = 10^{law.log10_midpoint:.4g}")
+    for p in sorted(points, key=lambda p: p.compute):
+        print(f"  {p.name}: C = {p.compute:.3g}, {args.metric} {p.score:.4f}, fitted {float(law(p.compute)):.4f}")
+    for fraction in (0.5, 0.9):
+        target = law.floor + fraction * (law.ceiling - law.floor)
+        print(f"  {args.metric} = {target:.3g} at C = {law.compute_for(target):.3g}")
+    warnings = score_warnings(points, law)
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    out = args.out or args.sweep
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"score_fit.{args.metric.replace('/', '.')}.json"
+    path.write_text(json.dumps({"metric": args.metric, "law": law.to_dict(), "warnings": warnings,
+                                "runs": [vars(p) for p in points]}, indent=2))
+    print(f"wrote {path}")
+    return 0
 
 
 def fit_command(args) -> int:
@@ -134,6 +179,10 @@ def cli(argv: List[str]) -> int:
     fit.add_argument("sweep", type=Path)
     fit.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for intervals (0: none)")
     fit.add_argument("--out", type=Path, default=None, help="where the PNGs and fit JSON go (default: the sweep)")
+    fit.add_argument("--metric", default=None, help="fit this summary.csv column (a task score such as "
+                     "task/<name>/acc) against compute with a logistic in log-compute, instead of the loss laws")
+    fit.add_argument("--floor", type=float, default=0.0, help="--metric's chance level (1/choices for acc; default 0)")
+    fit.add_argument("--ceiling", type=float, default=1.0, help="--metric's best value (default 1)")
     opt = sub.add_parser("optimal", help="compute-optimal N and D for a FLOP budget")
     opt.add_argument("--compute", type=float, required=True)
     opt.add_argument("--inference-tokens", type=float, default=0.0)
@@ -141,4 +190,6 @@ def cli(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "fit" and not args.sweep.is_dir():
         raise ScalingFitError(f"{args.sweep} is not a folder; pass the multirun folder of the sweep")
-    return fit_command(args) if args.command == "fit" else optimal_command(args)
+    if args.command == "fit":
+        return score_fit_command(args) if args.metric else fit_command(args)
+    return optimal_command(args)

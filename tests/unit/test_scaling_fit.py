@@ -166,3 +166,43 @@ def test_iso_flop_y_range_follows_the_runs(tmp_path, monkeypatch):
     low, high = limits["iso_flop.png"]
     losses = [r.loss for r in runs]
     assert low < min(losses) and high > max(losses) and high - low < 1.5 * (max(losses) - min(losses))
+
+
+def test_score_law_recovers_a_known_logistic_in_log_compute(tmp_path, capsys):
+    from scaletrain.scaling.score_fit import ScoreLaw, ScorePoint, fit_score_law
+
+    truth = ScoreLaw(floor=0.25, ceiling=1.0, slope=1.3, log10_midpoint=15.2)
+    computes = np.logspace(12, 18, 7)
+    exact = fit_score_law([ScorePoint(str(i), c, float(truth(c))) for i, c in enumerate(computes)], 0.25)
+    assert (exact.slope, exact.log10_midpoint) == (pytest.approx(1.3, rel=1e-6), pytest.approx(15.2, rel=1e-6))
+    # hand-computed: at C_mid the score is half way, one decade above it the share is sigmoid(1.3)
+    assert float(truth(10**15.2)) == pytest.approx(0.625)
+    assert float(truth(10**16.2)) == pytest.approx(0.25 + 0.75 / (1 + math.exp(-1.3)))
+    assert truth.compute_for(0.625) == pytest.approx(10**15.2) and truth.compute_for(0.2) == math.inf
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (n, d) in enumerate([(n, d) for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10)]):
+        score = float(truth(6 * n * d)) + 0.005 * rng.standard_normal()
+        rows.append({"job": str(i), "status": "ok", "overrides": "", "tokens": d, "val_loss": 3.0, "params": n,
+                     "non_embedding_params": n, "task/mc/acc": score})
+    with open(tmp_path / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert cli.main(["scaling", "fit", str(tmp_path), "--metric", "task/mc/acc", "--floor", "0.25"]) == 0
+    assert "9 runs" in capsys.readouterr().out
+    fit = json.loads((tmp_path / "score_fit.task.mc.acc.json").read_text())
+    assert fit["law"]["slope"] == pytest.approx(1.3, rel=0.05) and fit["warnings"] == []
+    assert fit["law"]["log10_midpoint"] == pytest.approx(15.2, abs=0.05)
+    assert cli.main(["scaling", "fit", str(tmp_path), "--metric", "task/other/acc"]) == 2
+    assert "task/mc/acc" in capsys.readouterr().err  # the error names the columns there are
+
+
+def test_a_flat_score_is_fitted_and_flagged():
+    from scaletrain.scaling.score_fit import ScorePoint, fit_score_law, score_warnings
+
+    for score in (0.5, 1 / 3):
+        points = [ScorePoint(str(i), c, score) for i, c in enumerate([1e10, 1e11, 1e12])]
+        law = fit_score_law(points)
+        assert law.slope == pytest.approx(0, abs=1e-9) and float(law(1e11)) == pytest.approx(score)
+        assert any("does not rise" in w for w in score_warnings(points, law))
