@@ -557,8 +557,8 @@ def _check_eval_tasks(cfg: TrainConfig) -> None:
         return
     _check(cfg.model.family == "gpt" and cfg.data.task == "lm", "trainer.eval_tasks scores a left-to-right LM "
            f"(family gpt, data.task=lm); this run is family {cfg.model.family}, data.task={cfg.data.task}")
-    _check(p.tp == 1 and p.pp == 1, f"trainer.eval_tasks runs under data parallelism only (parallel.tp={p.tp}, "
-           f"parallel.pp={p.pp}); evaluate the checkpoints with scaletrain eval --tasks instead")
+    _check(p.pp == 1, f"trainer.eval_tasks does not run under pipeline parallelism (parallel.pp={p.pp}): no stage "
+           f"holds the whole model; evaluate the checkpoints with scaletrain eval --tasks instead")
     _check(cfg.trainer.eval_every > 0, "trainer.eval_tasks runs at evaluations; set trainer.eval_every > 0")
     for path in tasks:
         _check(os.path.isfile(os.path.expanduser(path)), f"trainer.eval_tasks: {path} is not a file; give JSONL "

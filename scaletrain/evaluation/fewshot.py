@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.errors import InputError
-from scaletrain.inference.generate import pad_batch
+from scaletrain.inference.generate import full_logits, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
             truncated += cut
         # right padding: causal attention never reads it
         batch, _ = pad_batch([ids for ids, _ in rows], pad_id=0, left=False, device=device)
-        logprobs = F.log_softmax(model(batch[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+        logprobs = F.log_softmax(full_logits(model(batch[:, :-1])).float(), dim=-1)  # (B, T-1, V)
         for row, (ids, length) in enumerate(rows):
             positions = torch.arange(len(ids) - 1 - length, len(ids) - 1, device=device)
             scores.append(float(logprobs[row, positions, batch[row, positions + 1]].double().sum()))

@@ -80,6 +80,11 @@ def choose_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
 
 # ---------------------------------------------------------------------------------------------- steps
 
+def full_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel model's vocab-sharded DTensor logits -> the whole (..., V) tensor on every rank."""
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> ids (B, T) and 0/1 mask (B, T), padded on the left (decoders continue every row from
     its last column) or on the right (encoders)."""
@@ -106,7 +111,7 @@ class DecoderOnlySteps:
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         mask = self.mask if self.padded else None  # no padding: SDPA's causal fast path
-        return self.model(ids, mask, positions, cache)[:, -1].float()
+        return full_logits(self.model(ids, mask, positions, cache))[:, -1].float()
 
     def first(self) -> torch.Tensor:
         return self._logits(self.ids, self.positions, self.cache)
@@ -141,7 +146,7 @@ class EncoderDecoderSteps:
 
     def _logits(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         states = self.model.decode(ids, self.memory, self.mask, None, cache)
-        return self.model.output_logits(states[:, -1:])[:, 0].float()
+        return full_logits(self.model.output_logits(states[:, -1:]))[:, 0].float()
 
     def first(self) -> torch.Tensor:
         return self._logits(self.decoded, self.cache)

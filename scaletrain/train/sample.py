@@ -8,15 +8,11 @@ import torch
 
 from scaletrain.configs.schema import ModelConfig, TrainConfig
 from scaletrain.data.loader import validation_batches
+from scaletrain.inference.generate import full_logits
 
 PROMPT_TOKENS = 16
 TOP_K = 40
 TEMPERATURE = 0.8
-
-
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    """Vocab-sharded DTensor logits (tensor parallel) -> the whole (B, T, V) tensor."""
-    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
 
 
 @torch.no_grad()
@@ -25,7 +21,7 @@ def _continue_gpt(model, model_cfg: ModelConfig, prompt: torch.Tensor, new_token
     ids = prompt[None]  # (1, T)
     context = model_cfg.max_seq_len if model_cfg.position == "learned" else 4096
     for _ in range(new_tokens):
-        logits = _full(model(ids[:, -context:]))[0, -1].float() / TEMPERATURE  # (V,)
+        logits = full_logits(model(ids[:, -context:]))[0, -1].float() / TEMPERATURE  # (V,)
         top = torch.topk(logits, TOP_K)
         choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
         ids = torch.cat([ids, top.indices[choice][None]], dim=1)
@@ -39,7 +35,7 @@ def _fill_spans(model, batch: dict, new_tokens: int, stop_id: int) -> torch.Tens
         inputs["attention_mask"] = inputs["attention_mask"][:1]
     decoded = batch["decoder_input_ids"][:1, :1]  # the decoder start token
     for _ in range(new_tokens):
-        logits = _full(model(decoder_input_ids=decoded, **inputs))[0, -1]
+        logits = full_logits(model(decoder_input_ids=decoded, **inputs))[0, -1]
         next_id = logits.argmax()[None, None]
         decoded = torch.cat([decoded, next_id], dim=1)
         if next_id.item() == stop_id:

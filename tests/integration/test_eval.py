@@ -219,7 +219,8 @@ def test_trainer_eval_tasks_log_what_scaletrain_eval_gives_on_the_checkpoint(tmp
 @pytest.mark.parametrize("family, extra, message", [
     ("bert", [], "trainer.eval_tasks scores a left-to-right LM (family gpt, data.task=lm); this run is family bert"),
     ("gpt", ["trainer.eval_every=0"], "trainer.eval_tasks runs at evaluations"),
-    ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file")])
+    ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file"),
+    ("gpt", ["parallel.pp=2", "parallel.dp_shard=1", "launcher.nproc_per_node=2"], "does not run under pipeline parallelism (parallel.pp=2)")])
 def test_eval_tasks_that_cannot_be_scored_are_refused(tmp_path, capsys, family, extra, message):
     task = _write(tmp_path / "colors.jsonl", MC)
     code = main(["train", *tiny_overrides(family, f"trainer.eval_tasks=[{task}]", "trainer.eval_every=5", *extra),
@@ -257,3 +258,30 @@ def test_cloze_on_a_bert_equals_transformers_masked_lm_probabilities(tmp_path):
         correct += int(np.argmax(theirs)) == record["answer"]
     assert json.loads((tmp_path / "out" / "cloze.json").read_text())["acc"] == correct / len(CLOZE)
     assert main(["eval", str(tmp_path / "run"), "--data", str(task)]) == 2  # no perplexity for a BERT
+
+
+def _train_on_rank(rank, world_size, run_dir, overrides):
+    trainer = make_trainer(run_dir, overrides)
+    trainer.train()
+    return trainer.last_eval, trainer.eval_prompts
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.dp_shard=1"],
+                                    ["parallel.tp=2", "parallel.dp_shard=1", "parallel.sequence_parallel=true"],
+                                    ["parallel.dp_shard=2", "parallel.zero=3"]])
+def test_eval_tasks_under_two_rank_layouts_score_as_one_process(tmp_path, layout):
+    from scaletrain.parallel.multiprocess import run_on_ranks
+
+    mc, gen = _write(tmp_path / "colors.jsonl", MC), _write(tmp_path / "words.jsonl", GEN)
+    overrides = tiny_overrides("gpt", "optim=sgd", "optim.lr=0.5", "trainer.max_steps=2", "optim.warmup_steps=0",
+                               "trainer.eval_every=2", f"trainer.eval_tasks=[{mc},{gen}]", "trainer.eval_shots=1")
+    single = make_trainer(tmp_path / "single", overrides)
+    single.train()
+    assert {"task/colors/acc", "task/colors/acc_norm", "task/words/exact_match"} <= set(single.last_eval)
+    tasks = {k: v for k, v in single.last_eval.items() if k.startswith("task/")}
+    for last_eval, prompts in run_on_ranks(_train_on_rank, 2, tmp_path / "two", overrides + layout):
+        assert {k: v for k, v in last_eval.items() if k.startswith("task/")} == tasks
+        # every choice's log-likelihood and every greedy generation, not only the (coarse) accuracies
+        for ours, theirs in zip(prompts["colors"], single.eval_prompts["colors"]):
+            assert ours["loglikelihoods"] == pytest.approx(theirs["loglikelihoods"], rel=1e-5, abs=1e-5)
+        assert [p["generated"] for p in prompts["words"]] == [p["generated"] for p in single.eval_prompts["words"]]
