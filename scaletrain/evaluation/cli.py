@@ -1,4 +1,4 @@
-"""`scaletrain eval <run | step | HF dir>`, for a GPT:
+"""`scaletrain eval <run | step | HF dir>`, for a GPT (a BERT or a T5 / BART: multiple-choice tasks only):
 
     --data PATH        perplexity on a corpus (a text / JSONL / parquet file, a glob, a folder, or "builtin")
                        or a split of a folder written by `scaletrain data prepare` with the model's tokenizer;
@@ -91,13 +91,14 @@ def cli(argv: list[str]) -> int:
     from scaletrain.inference.load import load_model
 
     loaded = load_model(args.path, args.device)
-    # a BERT scores multiple choice as a cloze; it has no perplexity and does not generate
-    bert_can = loaded.family == "bert" and not args.data and all(t[0].choices for t in tasks.values()) and all(
+    # a BERT (as a cloze) and a T5 / BART score multiple choice only: no perplexity, no generation here
+    choices_only = not args.data and all(t[0].choices for t in tasks.values()) and all(
         prompts[0]["choices"] for _, _, prompts in replays)
-    if loaded.family != "gpt" and not bert_can:
-        raise InputError(f"scaletrain eval scores a GPT (perplexity, multiple choice, generation) or a BERT "
-                         f"(cloze multiple choice); {args.path} is family {loaded.family}"
-                         + (" and a BERT has no perplexity or generation" if loaded.family == "bert" else ""))
+    if loaded.family != "gpt" and not (loaded.family in ("bert", "encdec") and choices_only):
+        raise InputError(f"scaletrain eval scores a GPT (perplexity, multiple choice, generation), a BERT (cloze "
+                         f"multiple choice) or a T5 / BART (multiple choice); {args.path} is family {loaded.family}"
+                         + (" and it has no perplexity or generation here" if loaded.family in ("bert", "encdec")
+                            else ""))
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")

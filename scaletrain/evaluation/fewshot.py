@@ -7,6 +7,8 @@
                       exact match after stripping whitespace
     cloze (encoders)  multiple choice for a BERT: the choice's tokens masked at once at the blank (___), or
                       after the context, scored by the sum of their masked-token log-probabilities
+    encoder-decoders  multiple choice for T5 / BART: the prompt read by the encoder, each delimiter + choice
+                      scored as the decoder's target (acc and acc_norm as above)
 
 A prompt is K demonstrations (context, delimiter, their answer), drawn with a fixed seed from a train file,
 then the example's context, joined by the separator. Prompt and continuation are tokenized apart (no merge
@@ -248,15 +250,59 @@ def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, 
     return grade_choices(prompts)
 
 
+# ------------------------------------------------------------------------------------ encoder-decoders
+
+@torch.no_grad()
+def score_seq2seq_choices(model: nn.Module, frame, prompts: list[dict], window: int, batch_size: int, device,
+                          start_id: int, pad_id: int) -> dict:
+    """T5 / BART multiple choice: the prompt is the encoder's input and each choice the decoder's target,
+    both framed with the family's special tokens (T5: text </s>; BART: <s> text </s>), as Hugging Face
+    builds input_ids and labels. The score is sum log p(target token | prompt, the target before it), the
+    decoder reading [start] + target[:-1]."""
+    pairs = []
+    for p in prompts:
+        source = frame(p["prompt"])
+        if len(source) > window:  # the encoder reads it whole: no left cut keeps its leading special token
+            raise InputError(f"a prompt is {len(source)} tokens, more than the encoder's window of {window}; use "
+                             f"fewer --shots or shorter contexts")
+        for choice in p["choices"]:
+            target = frame(DELIMITER + choice)
+            if len(target) > window:
+                raise InputError(f"a choice is {len(target)} tokens, more than the decoder's window of {window}; "
+                                 f"shorten it")
+            pairs.append((source, target))
+    scores = []
+    for first in range(0, len(pairs), batch_size):
+        chunk = pairs[first:first + batch_size]
+        source, source_mask = pad_batch([s for s, _ in chunk], pad_id, left=False, device=device)
+        # right padding of the decoder: causal attention never reads it, and only target positions are scored
+        decoder, _ = pad_batch([[start_id] + t[:-1] for _, t in chunk], pad_id, left=False, device=device)
+        logits = full_logits(model(source, decoder, source_mask))
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        for row, (_, target) in enumerate(chunk):
+            picked = logprobs[row, torch.arange(len(target), device=device), torch.tensor(target, device=device)]
+            scores.append(float(picked.double().sum()))
+    flat = iter(scores)
+    for p in prompts:
+        p["loglikelihoods"] = [next(flat) for _ in p["choices"]]
+    return grade_choices(prompts)
+
+
 def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[dict], window: int, batch_size: int,
                device, special: dict, max_new_tokens: int) -> dict:
     """One task's metrics, by the model's family and the task's kind (scaletrain eval and the trainer):
-    a BERT's cloze, a GPT's multiple choice or generation. `frame(text)` -> ids with the family's specials."""
+    a BERT's cloze, a T5 / BART's multiple choice, a GPT's multiple choice or generation. `frame(text)` -> ids with the family's specials."""
     if family == "bert":
         mask = tokenizer.role_token("mask")
         if mask is None:
             raise InputError("the model's tokenizer has no mask token, which cloze scoring needs")
         return score_cloze(model, frame, tokenizer.encode, mask, tokenizer.role_id("mask"), prompts, window, device)
+    if family == "encdec":
+        if prompts[0]["choices"] is None:
+            raise InputError("an encoder-decoder (T5, BART) is scored on multiple-choice tasks here; generation "
+                             "tasks need a GPT")
+        return score_seq2seq_choices(model, frame, prompts, window, batch_size, device,
+                                     special["decoder_start_token_id"], special["pad_token_id"])
     if prompts[0]["choices"] is not None:
         return score_multiple_choice(model, tokenizer.encode, prompts, window, batch_size, device)
     decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -285,3 +285,37 @@ def test_eval_tasks_under_two_rank_layouts_score_as_one_process(tmp_path, layout
         for ours, theirs in zip(prompts["colors"], single.eval_prompts["colors"]):
             assert ours["loglikelihoods"] == pytest.approx(theirs["loglikelihoods"], rel=1e-5, abs=1e-5)
         assert [p["generated"] for p in prompts["words"]] == [p["generated"] for p in single.eval_prompts["words"]]
+
+
+ENCDEC = {"t5": tiny_overrides("encdec")[:5],
+          "bart": ["model=bart_tiny", "model.vocab_size=512", "data=bart_denoise", "data.tokenizer_vocab=512"]}
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_multiple_choice_equals_transformers_seq2seq_on_the_export(tmp_path, name):
+    steps = ["trainer.max_steps=1", "optim.warmup_steps=0"] + tiny_overrides("gpt")[3:]
+    assert make_trainer(tmp_path / "run", ENCDEC[name] + steps).train() == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    task = _write(tmp_path / "colors.jsonl", MC)
+    assert main(["eval", str(tmp_path / "run"), "--tasks", str(task), "--shots", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "colors.prompts.json").read_text())["prompts"]
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    correct = correct_norm = 0
+    for record, p in zip(MC, saved):
+        source = torch.tensor([tokenizer(p["prompt"])["input_ids"]])
+        theirs = []
+        for choice in record["choices"]:
+            labels = torch.tensor([tokenizer(" " + choice)["input_ids"]])  # decoder_input_ids: labels shifted right
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=source, labels=labels).logits[0], dim=-1)
+            theirs.append(float(logprobs[torch.arange(labels.shape[1]), labels[0]].sum()))
+        assert p["loglikelihoods"] == pytest.approx(theirs, abs=1e-4)
+        correct += int(np.argmax(theirs)) == record["answer"]
+        correct_norm += int(np.argmax([s / len(c) for s, c in zip(theirs, record["choices"])])) == record["answer"]
+    result = json.loads((tmp_path / "out" / "colors.json").read_text())
+    assert (result["acc"], result["acc_norm"]) == (correct / len(MC), correct_norm / len(MC))
+    for model_dir in ("run", "hf"):  # the export replays to the same scores
+        assert main(["eval", str(tmp_path / model_dir), "--replay", str(tmp_path / "out" / "colors.prompts.json")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--tasks", str(_write(tmp_path / "words.jsonl", GEN))]) == 2
