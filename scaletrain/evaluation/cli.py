@@ -6,6 +6,8 @@
     --tasks F.jsonl    few-shot multiple-choice or generation tasks (evaluation/fewshot.py), --shots K
                        demonstrations drawn from --train (default: the task file itself) with --seed; with
                        --out DIR each task writes <name>.json (scores, settings) and <name>.prompts.json
+    --tp N             the same in N local processes, the model sharded over them (tensor parallel); rank 0
+                       prints and writes, and the scores equal one process's
     --replay F.json    scores the prompts a <name>.prompts.json saved, exactly as saved (same window and
                        generation length; no task or train file), and says whether the scores are the saved
                        ones: exit 1 when they differ"""
@@ -40,6 +42,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     parser.add_argument("--out", help="also write the results: a JSON file (--data) or a folder (--tasks)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--tp", type=int, default=1, help="shard the model over N local processes (tensor "
+                        "parallel, for a model too big for one device); rank 0 prints and writes")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -67,7 +71,7 @@ def token_stream(data: str, split: str, tokenizer) -> tuple[np.ndarray, str]:
 
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens"):
+    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens", "tp"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}={value} must be at least 1")
@@ -87,10 +91,15 @@ def cli(argv: list[str]) -> int:
     replays = [(path, *read_saved_prompts(path)) for path in args.replay]
     demonstrations = read_task(args.train) if args.train else None
 
+    if args.tp > 1 and "WORLD_SIZE" not in os.environ:  # bad task files were refused above, in this process
+        return _launch(argv, args.tp)
     from scaletrain.inference.generate import context_length
     from scaletrain.inference.load import load_model
 
-    loaded = load_model(args.path, args.device)
+    args.writes = int(os.environ.get("RANK", "0")) == 0
+    loaded = load_model(args.path, "cpu" if args.tp > 1 else args.device)
+    if args.tp > 1:
+        _shard(loaded, args.tp, args.device)
     # a BERT (as a cloze) and a T5 / BART score multiple choice only: no perplexity, no generation here
     choices_only = not args.data and all(t[0].choices for t in tasks.values()) and all(
         prompts[0]["choices"] for _, _, prompts in replays)
@@ -115,6 +124,43 @@ def cli(argv: list[str]) -> int:
 
 
 
+def _launch(argv: list[str], tp: int) -> int:
+    """`scaletrain eval ... --tp N` again in N local workers (torch's elastic agent, as training launches)."""
+    import sys
+    import tempfile
+
+    from scaletrain.configs.schema import LaunchConfig
+    from scaletrain.launch.local import run_elastic
+
+    logs = tempfile.mkdtemp(prefix="scaletrain-eval-")
+    return run_elastic(LaunchConfig(nproc_per_node=tp), [sys.executable, "-m", "scaletrain.cli", "eval", *argv], logs)
+
+
+def _shard(loaded, tp: int, device: str) -> None:
+    """A worker of --tp: the model loaded on the CPU is sharded onto this rank's device over a tp mesh."""
+    import torch
+    import torch.distributed as dist
+
+    from scaletrain.parallel import apply_tensor_parallel
+    from scaletrain.parallel.dims import ParallelDims
+
+    cfg, world = loaded.model_cfg, int(os.environ["WORLD_SIZE"])
+    if world != tp:
+        raise InputError(f"--tp {tp} runs in {tp} processes, not WORLD_SIZE={world}; launch it without torchrun")
+    for what, size in (("model.n_heads", cfg.n_heads), ("the vocabulary", cfg.vocab_size)):
+        if size % tp:
+            raise InputError(f"--tp {tp} must divide {what} ({size}); pick a divisor")
+    target = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" else torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=tp, pp=1, cp=1, world_size=tp)
+    dims.build_mesh(target.type)
+    apply_tensor_parallel(loaded.model, dims.tp_mesh)  # moves each shard to the mesh's device
+    loaded.model.to(target)  # and what no plan covers (norms' buffers, position tables)
+
+
 def _perplexity(args, loaded, window: int) -> None:
     from scaletrain.evaluation.perplexity import perplexity
 
@@ -125,6 +171,8 @@ def _perplexity(args, loaded, window: int) -> None:
         raise InputError(f"{what} holds {len(stream)} tokens; perplexity needs at least 2")
     device = next(loaded.model.parameters()).device
     result = perplexity(loaded.model, stream, window, args.batch_size, device, progress=not args.no_progress)
+    if not args.writes:
+        return
     print(f"{args.path} on {what}: perplexity {result.perplexity:.3f} (loss {result.loss:.4f} nats/token over "
           f"{result.tokens:,} tokens, {result.windows} windows of up to {window})")
     if args.out:
@@ -149,8 +197,9 @@ def _task(args, loaded, window: int, name: str, examples, demonstrations) -> Non
     settings = dict(task=name, model=str(args.path), shots=args.shots, seed=args.seed, train=args.train,
                     separator=fewshot.SEPARATOR, delimiter=fewshot.DELIMITER, window=window,
                     max_new_tokens=args.max_new_tokens)
-    print(f"{name}: {_describe(scores)} ({args.shots}-shot)")
-    _write_results(args.out, name, settings, scores, prompts)
+    if args.writes:
+        print(f"{name}: {_describe(scores)} ({args.shots}-shot)")
+        _write_results(args.out, name, settings, scores, prompts)
 
 
 def _describe(scores: dict) -> str:
@@ -177,11 +226,13 @@ def _replay(args, loaded, model_window: int, path: str, settings: dict, prompts:
     if not saved:
         verdict = "no saved scores to compare with"
     elif differ:
-        verdict = "DIFFERENT from the saved scores: " + ", ".join(f"{k} {v} (saved {s})" for k, (v, s) in differ.items())
+        verdict = "DIFFERENT from the saved scores: " + ", ".join(
+            f"{k} {v} (saved {s})" for k, (v, s) in differ.items())
     else:
         verdict = "the saved scores"
-    print(f"{name} (replayed {len(prompts)} prompts of {path}, window {window}): {_describe(scores)}; {verdict}")
-    _write_results(args.out, name, {**settings, "model": str(args.path), "replayed": str(path)}, scores, prompts)
+    if args.writes:
+        print(f"{name} (replayed {len(prompts)} prompts of {path}, window {window}): {_describe(scores)}; {verdict}")
+        _write_results(args.out, name, {**settings, "model": str(args.path), "replayed": str(path)}, scores, prompts)
     return int(bool(differ))
 
 

@@ -291,7 +291,8 @@ def score_seq2seq_choices(model: nn.Module, frame, prompts: list[dict], window: 
 def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[dict], window: int, batch_size: int,
                device, special: dict, max_new_tokens: int) -> dict:
     """One task's metrics, by the model's family and the task's kind (scaletrain eval and the trainer):
-    a BERT's cloze, a T5 / BART's multiple choice, a GPT's multiple choice or generation. `frame(text)` -> ids with the family's specials."""
+    a BERT's cloze, a T5 / BART's multiple choice, a GPT's multiple choice or generation. `frame(text)` -> ids
+    with the family's specials."""
     if family == "bert":
         mask = tokenizer.role_token("mask")
         if mask is None:

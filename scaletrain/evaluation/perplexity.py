@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from scaletrain.inference.generate import pad_batch
+from scaletrain.inference.generate import full_logits, pad_batch
 
 
 @dataclass
@@ -41,7 +41,7 @@ def perplexity(model: nn.Module, stream, window: int, batch_size: int = 8, devic
         # right-padded: a causal model's real tokens never see the pads
         ids, mask = pad_batch([piece.tolist() for piece in pieces[first:first + batch_size]], pad_id=0, left=False,
                               device=device)
-        logits = model(ids[:, :-1]).float()  # (B, T, V)
+        logits = full_logits(model(ids[:, :-1])).float()  # (B, T, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T)
         predicted = mask[:, 1:].bool()
         total_nll += float(nll[predicted].double().sum())

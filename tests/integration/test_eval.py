@@ -166,6 +166,19 @@ def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, 
                        ("exact_match",))
 
 
+def test_eval_with_tp2_workers_gives_one_process_scores(run, tmp_path):
+    mc, gen = _write(tmp_path / "colors.jsonl", MC), _write(tmp_path / "words.jsonl", GEN)
+    common = ["--tasks", str(mc), str(gen), "--shots", "1", "--seq-len", "24", "--batch-size", "4",
+              "--max-new-tokens", "4"]
+    assert main(["eval", str(run / "run"), *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["eval", str(run / "run"), *common, "--tp", "2", "--out", str(tmp_path / "two")]) == 0
+    for name, key in (("colors", "loglikelihoods"), ("words", "generated")):
+        one, two = (json.loads((tmp_path / d / f"{name}.prompts.json").read_text()) for d in ("one", "two"))
+        assert two["scores"] == one["scores"]
+        for ours, theirs in zip(two["prompts"], one["prompts"]):
+            assert ours[key] == (pytest.approx(theirs[key], abs=1e-5) if key == "loglikelihoods" else theirs[key])
+
+
 @pytest.mark.parametrize("records, extra, message", [
     ([], [], "holds no records"),
     ([{"context": "a", "choices": ["b"], "answer": 0}], [], "at least two strings"),
@@ -220,7 +233,8 @@ def test_trainer_eval_tasks_log_what_scaletrain_eval_gives_on_the_checkpoint(tmp
     ("bert", [], "trainer.eval_tasks scores a left-to-right LM (family gpt, data.task=lm); this run is family bert"),
     ("gpt", ["trainer.eval_every=0"], "trainer.eval_tasks runs at evaluations"),
     ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file"),
-    ("gpt", ["parallel.pp=2", "parallel.dp_shard=1", "launcher.nproc_per_node=2"], "does not run under pipeline parallelism (parallel.pp=2)")])
+    ("gpt", ["parallel.pp=2", "parallel.dp_shard=1", "launcher.nproc_per_node=2"],
+     "does not run under pipeline parallelism (parallel.pp=2)")])
 def test_eval_tasks_that_cannot_be_scored_are_refused(tmp_path, capsys, family, extra, message):
     task = _write(tmp_path / "colors.jsonl", MC)
     code = main(["train", *tiny_overrides(family, f"trainer.eval_tasks=[{task}]", "trainer.eval_every=5", *extra),
