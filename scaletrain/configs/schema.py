@@ -219,6 +219,9 @@ class DataConfig:
     validation_files: str = ""  # "": records of train_files held out by data.val_fraction
     text_pair_field: str = ""  # the second text of a pair (MNLI, QQP, MRPC); "": single texts
     label_field: str = "label"
+    # T5 / BART and data.task=classification: train the model to write each record's label word(s) as the
+    # decoder's target (text-to-text, scored by exact match) instead of a classification head
+    text_to_text: bool = False
     # How a prepared folder's shards are checked when opened: size (a stat per file) | full (every byte
     # read once against the checksums in metadata.json, and every token id against the vocabulary).
     verify: str = "size"
@@ -567,6 +570,11 @@ def _check_eval_tasks(cfg: TrainConfig) -> None:
 
 def _check_task(cfg: TrainConfig) -> None:
     task, best = cfg.data.task, cfg.checkpoint.keep_best
+    _check(not cfg.data.text_to_text or (task == "classification" and cfg.model.family == "encdec"),
+           f"data.text_to_text=true trains a T5 / BART to write the label words; it needs data.task=classification "
+           f"and an encoder-decoder model (this run: data.task={task}, family {cfg.model.family})")
+    _check(not cfg.data.text_to_text or cfg.model.num_labels == 0, f"data.text_to_text=true has no classification "
+           f"head; set model.num_labels=0 (it is {cfg.model.num_labels})")
     _check(task != "regression" or cfg.model.num_labels in (0, 1), f"data.task=regression predicts one number "
            f"but model.num_labels={cfg.model.num_labels}; set model.num_labels=1 (or 0)")
     wanted = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS}.get(task, ())

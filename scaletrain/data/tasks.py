@@ -289,13 +289,49 @@ def encode(records: list[Record], tokenizer: Tokenizer, model_cfg, seq_len: int)
     if model_cfg.family == "xlnet":  # <cls> is segment 2; pads are masked keys, so theirs never matters
         arrays["token_type_ids"] = types
     if model_cfg.family == "encdec":
-        # the decoder reads the text shifted right behind its start token: pad for T5, </s> for BART (export's
-        # decoder_start_token_id); its last non-pad position is then the final </s> of the input
-        start = tokenizer.pad_id if flavour == "t5" else tokenizer.special_id("eos", "BART's decoder start")
-        shifted = np.concatenate([np.full((n, 1), start, np.int64), ids[:, :-1]], axis=1)
-        arrays["decoder_input_ids"] = np.where(mask == 1, shifted, pad)
-        arrays["decoder_attention_mask"] = mask
+        # the decoder reads the text shifted right behind its start token; its last non-pad position is then
+        # the final </s> of the input
+        arrays["decoder_input_ids"], arrays["decoder_attention_mask"] = _shift_right(
+            np.where(mask == 1, ids, IGNORE_INDEX), decoder_start_id(tokenizer, model_cfg), pad)
     return arrays
+
+
+def decoder_start_id(tokenizer: Tokenizer, model_cfg) -> int:
+    """pad for T5, </s> for BART: export's decoder_start_token_id."""
+    if family_flavour(model_cfg) == "t5":
+        return tokenizer.pad_id
+    return tokenizer.special_id("eos", "BART's decoder start")
+
+
+def _shift_right(targets: np.ndarray, start: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (N, L), -100 after their end -> the decoder's inputs (start, targets[:-1]) padded with pad where
+    the target is, and their 0/1 mask."""
+    shifted = np.concatenate([np.full((len(targets), 1), start, np.int64), targets[:, :-1]], axis=1)
+    mask = targets != IGNORE_INDEX  # input i predicts target i
+    return np.where(mask, shifted, pad), mask.astype(np.int64)
+
+
+def label_word_targets(labels: Labels, tokenizer: Tokenizer, model_cfg) -> np.ndarray:
+    """data.text_to_text: each class's label word(s) framed as a decoder target (T5: words </s>; BART: <s>
+    words </s>) -> (K, L) ids, -100 after each target's end."""
+    backend = framing_backend(tokenizer, model_cfg)
+    targets = [backend.encode(name, add_special_tokens=True).ids for name in labels.names]
+    table = np.full((len(targets), max(map(len, targets))), IGNORE_INDEX, np.int64)
+    for k, ids in enumerate(targets):
+        table[k, :len(ids)] = ids
+    if len({tuple(ids) for ids in targets}) < len(targets):
+        raise DataError(f"data.text_to_text: two labels tokenize alike ({_preview(labels.names)}); rename them")
+    return table
+
+
+def text_to_text_arrays(arrays: dict, class_ids: np.ndarray, table: np.ndarray, tokenizer: Tokenizer,
+                        model_cfg) -> dict:
+    """A record's decoder target is its class's label words: labels (N, L) token ids for the loss, class_ids
+    (N,) for the metrics."""
+    targets = table[class_ids]  # (N, L)
+    decoder, decoder_mask = _shift_right(targets, decoder_start_id(tokenizer, model_cfg), tokenizer.pad_id)
+    return {**arrays, "decoder_input_ids": decoder, "decoder_attention_mask": decoder_mask, "labels": targets,
+            "class_ids": class_ids}
 
 
 @dataclass
@@ -334,10 +370,13 @@ class TaskData:
     train: LabelledSet
     validation: LabelledSet
     labels: Labels
+    label_targets: Optional[np.ndarray] = None  # data.text_to_text: each class's decoder target (K, L)
     mixture = None
 
     @property
     def num_labels(self) -> int:
+        if self.label_targets is not None:
+            return 0  # text-to-text: no head
         return len(self.labels.names) or 1  # regression: one output
 
     @property
@@ -385,13 +424,17 @@ def build_task_data(cfg) -> TaskData:
         train, validation = _split(train, d.val_fraction, d.train_files)
     tokenizer = task_tokenizer(d, train)
     splits = []
+    table = label_word_targets(labels, tokenizer, cfg.model) if d.text_to_text else None
     for name, records in (("train", train), ("validation", validation)):
         arrays = encode(records, tokenizer, cfg.model, seq_len)
-        arrays["labels"] = label_values(records, labels, name)
+        if table is None:
+            arrays["labels"] = label_values(records, labels, name)
+        else:
+            arrays = text_to_text_arrays(arrays, label_values(records, labels, name), table, tokenizer, cfg.model)
         splits.append(LabelledSet(name, arrays, seq_len))
     log.info("data.task=%s: %d train and %d validation records%s", d.task, len(train), len(validation),
              f", labels {_preview(labels.names)}" if labels.names else "")
-    return TaskData(d.task, tokenizer, splits[0], splits[1], labels)
+    return TaskData(d.task, tokenizer, splits[0], splits[1], labels, table)
 
 
 def validation_batches(split: LabelledSet, micro_batch: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict]:
@@ -401,6 +444,8 @@ def validation_batches(split: LabelledSet, micro_batch: int, dp_rank: int = 0, d
     for first in range(dp_rank * micro_batch, -(-n // per_batch) * per_batch, per_batch):
         rows = np.arange(first, first + micro_batch)
         batch = {key: torch.from_numpy(value[np.where(rows < n, rows, 0)]) for key, value in split.arrays.items()}
-        labels = batch["labels"]
-        labels[torch.from_numpy(rows >= n)] = IGNORE_INDEX if not labels.is_floating_point() else math.nan
+        for key in ("labels", "class_ids"):  # class_ids: data.text_to_text's, beside its token labels
+            if key in batch:
+                labels = batch[key]
+                labels[torch.from_numpy(rows >= n)] = IGNORE_INDEX if not labels.is_floating_point() else math.nan
         yield batch

@@ -63,7 +63,13 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """logits (N, K), labels (N,) class ids -> val_accuracy, val_f1 (macro), val_mcc."""
-    predicted, classes = logits.argmax(axis=1), logits.shape[1]
+    return prediction_metrics(logits.argmax(axis=1), labels, logits.shape[1])
+
+
+def prediction_metrics(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Predicted class ids (N,), where num_classes means none of them (a text-to-text output that spells no
+    label: one more class of the confusion matrix, as scikit-learn counts a label only predictions hold)."""
+    classes = num_classes + int((predicted == num_classes).any())
     return {"val_accuracy": accuracy(predicted, labels), "val_f1": macro_f1(predicted, labels, classes),
             "val_mcc": matthews(predicted, labels, classes)}
 

@@ -130,7 +130,9 @@ class Trainer:
         # Model: built on meta, parallelized, then materialized (initialization is layout-independent).
         self.model_cfg = parallel.padded_model_config(cfg.model, self.dims.tp)
         self.spec = get_spec(self.model_cfg.family)
-        self.loss_fn = TASK_LOSSES[self.task] if self.task else self.spec.loss_fn
+        # text-to-text is the encoder-decoder's own loss on the label words; a head has the task's loss
+        self.text_to_text = cfg.data.text_to_text
+        self.loss_fn = TASK_LOSSES[self.task] if self.task and not self.text_to_text else self.spec.loss_fn
         self.model = build_model(self.model_cfg, device="meta")
         self.model = parallel.parallelize(self.model, self.dims, cfg)  # pp > 1: this rank's stages only
         parallel.materialize(self.model, self.device, cfg.seed)
@@ -321,7 +323,7 @@ class Trainer:
 
     def _forward(self, batch: dict) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
         """(model outputs, (loss sum, count)): the objective's forward, or a task's classify() (B, num_labels)."""
-        if self.task:
+        if self.task and not self.text_to_text:
             outputs = self.model.classify(**{k: v for k, v in batch.items() if k != "labels"})
         else:
             outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
@@ -425,7 +427,7 @@ class Trainer:
         """Loss and metrics over every validation record: each dp rank scores its share, and all ranks' outputs
         are gathered for the metrics (F1, MCC and Spearman do not add up over shards)."""
         from scaletrain.data.tasks import validation_batches
-        from scaletrain.evaluation.metrics import task_metrics
+        from scaletrain.evaluation.metrics import prediction_metrics, task_metrics
 
         total, targets = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         outputs, labels = [], []
@@ -434,14 +436,28 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with parallel.loss_context(self.dims), autocast(self.cfg.precision, self.device.type):
                 output, (loss_sum, count) = self._forward(batch)
+                predicted = self._predicted_classes(batch) if self.text_to_text else output.detach().float()
             total += loss_sum.float()
             targets += count
-            outputs.append(output.detach().float())
-            labels.append(batch["labels"])
+            outputs.append(predicted)
+            labels.append(batch["class_ids" if self.text_to_text else "labels"])
         outputs, labels = self._gather_dp(torch.cat(outputs)), self._gather_dp(torch.cat(labels))
         real = ~labels.isnan() if labels.is_floating_point() else labels != IGNORE_INDEX  # not padding
-        metrics = task_metrics(self.task, outputs[real].cpu().numpy(), labels[real].cpu().numpy())
+        outputs, labels = outputs[real].cpu().numpy(), labels[real].cpu().numpy()
+        if self.text_to_text:
+            metrics = prediction_metrics(outputs, labels, len(self.data.labels.names))
+        else:
+            metrics = task_metrics(self.task, outputs, labels)
         return {"val_loss": (self._all_reduce_dp(total) / self._all_reduce_dp(targets)).item(), **metrics}
+
+    def _predicted_classes(self, batch: dict) -> torch.Tensor:
+        """data.text_to_text: (B,) the class whose label words greedy decoding wrote, or K for none."""
+        from scaletrain.data.tasks import decoder_start_id
+        from scaletrain.evaluation.text_to_text import greedy_tokens, matched_classes
+
+        table = torch.as_tensor(self.data.label_targets, device=self.device)  # (K, L)
+        start = decoder_start_id(self.data.tokenizer, self.model_cfg)
+        return matched_classes(greedy_tokens(self.model, batch, table.shape[1], start), table)
 
     def _gather_dp(self, value: torch.Tensor) -> torch.Tensor:
         """Every dp rank's (equally long) tensor, concatenated on dim 0."""

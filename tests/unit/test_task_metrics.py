@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from scaletrain.evaluation.metrics import (accuracy, average_ranks, classification_metrics, macro_f1, matthews,
-                                           pearson, spearman)
+                                           pearson, prediction_metrics, spearman)
 
 # 3 classes, 8 samples. Confusion (rows true, columns predicted):
 #   [[2, 1, 0],      class 0: tp 2, support 3, predicted 3 -> F1 2*2/(3+3) = 2/3
@@ -23,6 +23,17 @@ def test_classification_metrics_by_hand():
     logits = np.eye(3)[PREDICTED]
     assert classification_metrics(logits, LABELS) == pytest.approx(
         {"val_accuracy": 5 / 8, "val_f1": 11 / 18, "val_mcc": 3 / 7})
+
+
+def test_a_prediction_of_no_class_counts_wrong_as_a_class_of_its_own():
+    # text-to-text: sample 6 (true class 2) spelled no label (3). Confusion rows true, columns predicted 0..3:
+    #   [[2, 1, 0, 0], [0, 2, 1, 0], [1, 0, 0, 1], [0, 0, 0, 0]]
+    # F1: 2/3, 2/3, 0 (tp 0), 0 (the "none" column: predicted once, never true); macro over the 4 present
+    # MCC: c 4, s 8, t (3, 3, 2, 0), p (3, 3, 1, 1): (32 - 20) / sqrt((64 - 20)(64 - 22))
+    predicted = np.array([0, 0, 1, 1, 1, 2, 3, 0])
+    assert prediction_metrics(predicted, LABELS, 3) == pytest.approx(
+        {"val_accuracy": 4 / 8, "val_f1": (2 / 3 + 2 / 3) / 4, "val_mcc": 12 / np.sqrt(44 * 42)})
+    assert prediction_metrics(PREDICTED, LABELS, 3) == classification_metrics(np.eye(3)[PREDICTED], LABELS)
 
 
 def test_binary_matthews_is_the_phi_coefficient_and_degenerate_cases_are_defined():
