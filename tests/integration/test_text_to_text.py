@@ -23,8 +23,9 @@ def topic_task(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encoder_decoders_learn_label_words_and_transformers_generates_the_same(tmp_path, topic_task, family):
     extra, steps = FAMILIES[family]
-    trainer = make_trainer(tmp_path / "run", task_overrides("encdec", *topic_task, *extra, "data.text_to_text=true",
-                                                            f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"))
+    overrides = task_overrides("encdec", *topic_task, *extra, "data.text_to_text=true", f"trainer.max_steps={steps}",
+                               f"trainer.eval_every={steps}")
+    trainer = make_trainer(tmp_path / "run", overrides)
     assert trainer.model_cfg.num_labels == 0  # no head
     trainer.train()
     assert trainer.last_eval["val_accuracy"] > 0.6, trainer.last_eval
@@ -36,7 +37,8 @@ def test_encoder_decoders_learn_label_words_and_transformers_generates_the_same(
     correct = 0
     for row, record in enumerate(records):
         target = tokenizer(record["label"])["input_ids"]  # the label word framed as Hugging Face frames labels
-        assert arrays["labels"][row, :len(target)].tolist() == target and names[arrays["class_ids"][row]] == record["label"]
+        assert arrays["labels"][row, :len(target)].tolist() == target
+        assert names[arrays["class_ids"][row]] == record["label"]
         assert arrays["decoder_input_ids"][row, 1:len(target)].tolist() == target[:-1]
         ids = tokenizer(record["text"], truncation=True, max_length=arrays["input_ids"].shape[1], return_tensors="pt")
         assert ids["input_ids"][0].tolist() == arrays["input_ids"][row, :ids["input_ids"].shape[1]].tolist()
