@@ -92,6 +92,12 @@ def cli(argv: list[str]) -> int:
     demonstrations = read_task(args.train) if args.train else None
 
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:  # bad task files were refused above, in this process
+        from scaletrain.checkpoint.init_from import open_source
+
+        if not Path(args.path).expanduser().exists():
+            raise InputError(f"{args.path} does not exist; pass a scaletrain run folder, a checkpoint step-* folder "
+                             f"or a Hugging Face model folder")
+        _check_shardable(open_source(args.path).model_cfg, args.tp)  # the config and shapes only, no weights
         return _launch(argv, args.tp)
     from scaletrain.inference.generate import context_length
     from scaletrain.inference.load import load_model
@@ -136,6 +142,12 @@ def _launch(argv: list[str], tp: int) -> int:
     return run_elastic(LaunchConfig(nproc_per_node=tp), [sys.executable, "-m", "scaletrain.cli", "eval", *argv], logs)
 
 
+def _check_shardable(cfg, tp: int) -> None:
+    for what, size in (("model.n_heads", cfg.n_heads), ("the vocabulary", cfg.vocab_size)):
+        if size % tp:
+            raise InputError(f"--tp {tp} must divide {what} ({size}); pick a divisor")
+
+
 def _shard(loaded, tp: int, device: str) -> None:
     """A worker of --tp: the model loaded on the CPU is sharded onto this rank's device over a tp mesh."""
     import torch
@@ -144,12 +156,10 @@ def _shard(loaded, tp: int, device: str) -> None:
     from scaletrain.parallel import apply_tensor_parallel
     from scaletrain.parallel.dims import ParallelDims
 
-    cfg, world = loaded.model_cfg, int(os.environ["WORLD_SIZE"])
+    world = int(os.environ["WORLD_SIZE"])
     if world != tp:
         raise InputError(f"--tp {tp} runs in {tp} processes, not WORLD_SIZE={world}; launch it without torchrun")
-    for what, size in (("model.n_heads", cfg.n_heads), ("the vocabulary", cfg.vocab_size)):
-        if size % tp:
-            raise InputError(f"--tp {tp} must divide {what} ({size}); pick a divisor")
+    _check_shardable(loaded.model_cfg, tp)
     target = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" else torch.device(device)
     if target.type == "cuda":
         torch.cuda.set_device(target)

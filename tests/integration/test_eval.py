@@ -166,7 +166,7 @@ def test_generation_task_decodes_what_transformers_greedy_generate_decodes(run, 
                        ("exact_match",))
 
 
-def test_eval_with_tp2_workers_gives_one_process_scores(run, tmp_path):
+def test_eval_with_tp2_workers_gives_one_process_scores(run, tmp_path, capsys):
     mc, gen = _write(tmp_path / "colors.jsonl", MC), _write(tmp_path / "words.jsonl", GEN)
     common = ["--tasks", str(mc), str(gen), "--shots", "1", "--seq-len", "24", "--batch-size", "4",
               "--max-new-tokens", "4"]
@@ -177,6 +177,10 @@ def test_eval_with_tp2_workers_gives_one_process_scores(run, tmp_path):
         assert two["scores"] == one["scores"]
         for ours, theirs in zip(two["prompts"], one["prompts"]):
             assert ours[key] == (pytest.approx(theirs[key], abs=1e-5) if key == "loglikelihoods" else theirs[key])
+    capsys.readouterr()
+    assert main(["eval", str(run / "run"), *common, "--tp", "3"]) == 2  # refused before any worker starts
+    error = capsys.readouterr().err.strip()
+    assert "--tp 3 must divide model.n_heads" in error and "\n" not in error, error
 
 
 @pytest.mark.parametrize("records, extra, message", [
