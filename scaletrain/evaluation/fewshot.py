@@ -8,7 +8,7 @@
     cloze (encoders)  multiple choice for a BERT: the choice's tokens masked at once at the blank (___), or
                       after the context, scored by the sum of their masked-token log-probabilities
     encoder-decoders  multiple choice for T5 / BART: the prompt read by the encoder, each delimiter + choice
-                      scored as the decoder's target (acc and acc_norm as above)
+                      scored as the decoder's target, without special tokens, as lm-eval (acc and acc_norm)
 
 A prompt is K demonstrations (context, delimiter, their answer), drawn with a fixed seed from a train file,
 then the example's context, joined by the separator. Prompt and continuation are tokenized apart (no merge
@@ -253,12 +253,12 @@ def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, 
 # ------------------------------------------------------------------------------------ encoder-decoders
 
 @torch.no_grad()
-def score_seq2seq_choices(model: nn.Module, frame, prompts: list[dict], window: int, batch_size: int, device,
-                          start_id: int, pad_id: int) -> dict:
-    """T5 / BART multiple choice: the prompt is the encoder's input and each choice the decoder's target,
-    both framed with the family's special tokens (T5: text </s>; BART: <s> text </s>), as Hugging Face
-    builds input_ids and labels. The score is sum log p(target token | prompt, the target before it), the
-    decoder reading [start] + target[:-1]."""
+def score_seq2seq_choices(model: nn.Module, frame, encode, prompts: list[dict], window: int, batch_size: int,
+                          device, start_id: int, pad_id: int) -> dict:
+    """T5 / BART multiple choice, as lm-evaluation-harness scores a seq2seq model: the prompt, framed with the
+    family's special tokens (T5: text </s>; BART: <s> text </s>), is the encoder's input and each bare
+    delimiter + choice (no special tokens, so no </s> is scored) the decoder's target. The score is
+    sum log p(target token | prompt, the target before it), the decoder reading [start] + target[:-1]."""
     pairs = []
     for p in prompts:
         source = frame(p["prompt"])
@@ -266,7 +266,7 @@ def score_seq2seq_choices(model: nn.Module, frame, prompts: list[dict], window: 
             raise InputError(f"a prompt is {len(source)} tokens, more than the encoder's window of {window}; use "
                              f"fewer --shots or shorter contexts")
         for choice in p["choices"]:
-            target = frame(DELIMITER + choice)
+            target = encode(DELIMITER + choice)
             if len(target) > window:
                 raise InputError(f"a choice is {len(target)} tokens, more than the decoder's window of {window}; "
                                  f"shorten it")
@@ -302,7 +302,7 @@ def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[di
         if prompts[0]["choices"] is None:
             raise InputError("an encoder-decoder (T5, BART) is scored on multiple-choice tasks here; generation "
                              "tasks need a GPT")
-        return score_seq2seq_choices(model, frame, prompts, window, batch_size, device,
+        return score_seq2seq_choices(model, frame, tokenizer.encode, prompts, window, batch_size, device,
                                      special["decoder_start_token_id"], special["pad_token_id"])
     if prompts[0]["choices"] is not None:
         return score_multiple_choice(model, tokenizer.encode, prompts, window, batch_size, device)

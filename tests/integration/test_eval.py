@@ -325,7 +325,8 @@ def test_encoder_decoder_multiple_choice_equals_transformers_seq2seq_on_the_expo
         source = torch.tensor([tokenizer(p["prompt"])["input_ids"]])
         theirs = []
         for choice in record["choices"]:
-            labels = torch.tensor([tokenizer(" " + choice)["input_ids"]])  # decoder_input_ids: labels shifted right
+            # bare, as lm-eval encodes a seq2seq continuation; decoder_input_ids: labels shifted right
+            labels = torch.tensor([tokenizer(" " + choice, add_special_tokens=False)["input_ids"]])
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=source, labels=labels).logits[0], dim=-1)
             theirs.append(float(logprobs[torch.arange(labels.shape[1]), labels[0]].sum()))
