@@ -87,6 +87,8 @@ def read_scores(sweep_dir: Path, metric: str) -> List[ScorePoint]:
 
 
 def score_fit_command(args) -> int:
+    from scaletrain.scaling.plots import score_vs_compute
+
     points = read_scores(args.sweep, args.metric)
     law = fit_score_law(points, args.floor, args.ceiling)
     print(f"{len(points)} runs; {args.metric} = {law.floor:g} + ({law.ceiling:g} - {law.floor:g}) · "
@@ -102,9 +104,11 @@ def score_fit_command(args) -> int:
         print(f"WARNING: {warning}")
     out = args.out or args.sweep
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"score_fit.{args.metric.replace('/', '.')}.json"
+    stem = f"score_fit.{args.metric.replace('/', '.')}"
+    path = out / f"{stem}.json"
     path.write_text(json.dumps({"metric": args.metric, "law": law.to_dict(), "warnings": warnings,
                                 "runs": [vars(p) for p in points]}, indent=2))
+    print(f"wrote {score_vs_compute(points, law, args.metric, out / f'{stem}.png')}")
     print(f"wrote {path}")
     return 0
 

@@ -97,6 +97,22 @@ def frontier(runs: Sequence[Run], law: ChinchillaLaw, path: Path) -> Path:
     return _save(fig, path)
 
 
+def score_vs_compute(points: Sequence, law, metric: str, path: Path) -> Path:
+    """A task score against compute: the runs, the fitted logistic in log-compute a decade past them on
+    each side, and its floor and ceiling."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    compute = np.array([p.compute for p in points])
+    c_grid = np.geomspace(compute.min() / 10, compute.max() * 10, 200)
+    ax.scatter(compute, [p.score for p in points], color="C0", label="runs", zorder=3)
+    ax.plot(c_grid, law(c_grid), "k-", label=f"fit: slope {law.slope:.3g}/decade")
+    for level, name in ((law.floor, "floor"), (law.ceiling, "ceiling")):
+        ax.axhline(level, color="grey", ls="--", lw=0.8)
+        ax.annotate(name, (c_grid[0], level), fontsize=8, color="grey", va="bottom")
+    ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel=metric, title=f"{metric} against compute")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

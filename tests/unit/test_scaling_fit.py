@@ -194,6 +194,8 @@ def test_score_law_recovers_a_known_logistic_in_log_compute(tmp_path, capsys):
     fit = json.loads((tmp_path / "score_fit.task.mc.acc.json").read_text())
     assert fit["law"]["slope"] == pytest.approx(1.3, rel=0.05) and fit["warnings"] == []
     assert fit["law"]["log10_midpoint"] == pytest.approx(15.2, abs=0.05)
+    png = (tmp_path / "score_fit.task.mc.acc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert cli.main(["scaling", "fit", str(tmp_path), "--metric", "task/other/acc"]) == 2
     assert "task/mc/acc" in capsys.readouterr().err  # the error names the columns there are
 
