@@ -1,6 +1,6 @@
 """scaletrain eval against lm-evaluation-harness on the same local multiple-choice task and the same model.
 
-A GPT (the quick start's gpt_cpu_small, pretrained here briefly unless --model names a run) is exported with
+A model (the quick start's gpt_cpu_small, pretrained here briefly unless --model names a run) is exported with
 `scaletrain export`; lm-eval 0.4.x scores the export (`--model hf`) with the task YAML of docs/evaluation.md
 (read from that file, only its data paths filled in), and `scaletrain eval --tasks` scores the run. Printed
 side by side, per shot count: acc and acc_norm of both, and at 0 shots (where both build the same prompts)
@@ -13,6 +13,9 @@ lm-eval is not a dependency of scaletrain; install it into a venv of its own, be
     /tmp/lmeval-venv/bin/pip install -c constraints.txt lm_eval
     python benchmarks/eval_vs_lm_eval.py                          # pretrains 100 steps first (a few minutes)
     python benchmarks/eval_vs_lm_eval.py --model runs/<date>/<time> --shots 0 2 --lm-eval /tmp/lmeval-venv/bin/lm_eval
+
+--model may also be a T5 or BART run: lm-eval's hf model then takes its seq2seq backend, and scaletrain eval
+scores the choices as decoder targets the same way (docs/evaluation.md).
 """
 
 from __future__ import annotations

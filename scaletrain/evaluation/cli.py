@@ -91,21 +91,25 @@ def cli(argv: list[str]) -> int:
     replays = [(path, *read_saved_prompts(path)) for path in args.replay]
     demonstrations = read_task(args.train) if args.train else None
 
+    from scaletrain.inference.load import load_model, model_config
+
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:  # bad task files were refused above, in this process
-        from scaletrain.checkpoint.init_from import open_source
-
-        if not Path(args.path).expanduser().exists():
-            raise InputError(f"{args.path} does not exist; pass a scaletrain run folder, a checkpoint step-* folder "
-                             f"or a Hugging Face model folder")
-        _check_shardable(open_source(args.path).model_cfg, args.tp)  # the config and shapes only, no weights
+        _check_shardable(model_config(args.path), args.tp)  # the config and shapes only, no weights
         return _launch(argv, args.tp)
-    from scaletrain.inference.generate import context_length
-    from scaletrain.inference.load import load_model
-
     args.writes = int(os.environ.get("RANK", "0")) == 0
     loaded = load_model(args.path, "cpu" if args.tp > 1 else args.device)
     if args.tp > 1:
         _shard(loaded, args.tp, args.device)
+    _check_family(args, loaded, tasks, replays)
+    window = _window(args, loaded, replays)
+    if args.data:
+        _perplexity(args, loaded, window)
+    for name, examples in tasks.items():
+        _task(args, loaded, window, name, examples, demonstrations)
+    return max([_replay(args, loaded, window, *replay) for replay in replays], default=0)
+
+
+def _check_family(args, loaded, tasks: dict, replays: list) -> None:
     # a BERT (as a cloze) and a T5 / BART score multiple choice only: no perplexity, no generation here
     choices_only = not args.data and all(t[0].choices for t in tasks.values()) and all(
         prompts[0]["choices"] for _, _, prompts in replays)
@@ -114,6 +118,12 @@ def cli(argv: list[str]) -> int:
                          f"multiple choice) or a T5 / BART (multiple choice); {args.path} is family {loaded.family}"
                          + (" and it has no perplexity or generation here" if loaded.family in ("bert", "encdec")
                             else ""))
+
+
+def _window(args, loaded, replays: list) -> int:
+    """Tokens of context: --seq-len, else the model's window (1024 for T5's relative positions)."""
+    from scaletrain.inference.generate import context_length
+
     window = context_length(loaded.model_cfg)
     if args.seq_len is not None and window is not None and args.seq_len > window:
         raise InputError(f"--seq-len={args.seq_len} exceeds the model's window of {window} tokens; lower it")
@@ -121,13 +131,7 @@ def cli(argv: list[str]) -> int:
         if window is not None and (settings.get("window") or 0) > window:
             raise InputError(f"{path} was scored with a window of {settings['window']} tokens, more than this "
                              f"model's {window}: replay it on a model with that window")
-    window = args.seq_len or window or 1024
-    if args.data:
-        _perplexity(args, loaded, window)
-    for name, examples in tasks.items():
-        _task(args, loaded, window, name, examples, demonstrations)
-    return max([_replay(args, loaded, window, *replay) for replay in replays], default=0)
-
+    return args.seq_len or window or 1024
 
 
 def _launch(argv: list[str], tp: int) -> int:

@@ -31,14 +31,27 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    location = Path(path).expanduser()
-    if not location.exists():
-        raise UserError(f"{path} does not exist; pass a scaletrain run folder, a checkpoint step-* folder or a "
-                        f"Hugging Face model folder")
+    location = _existing(path)
     device = _device(device)
     if hf_io.is_hf_folder(location):
         return _from_hf_folder(location, device)
     return _from_checkpoint(find_checkpoint(location, what="model path"), device)
+
+
+def model_config(path: str | Path):
+    """The ModelConfig load_model would build (vocabulary as the tensors have it), from the config and the
+    tensors' shapes alone: no weights are read."""
+    from scaletrain.checkpoint.init_from import open_source
+
+    return open_source(str(_existing(path))).model_cfg
+
+
+def _existing(path: str | Path) -> Path:
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise UserError(f"{path} does not exist; pass a scaletrain run folder, a checkpoint step-* folder or a "
+                        f"Hugging Face model folder")
+    return location
 
 
 def _device(device: str | torch.device) -> torch.device:
