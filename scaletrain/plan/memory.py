@@ -584,7 +584,8 @@ def _xlnet_stage_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, k
     last = layout.pp == 1 or len(plans) - 1 in owned[stage]
     # the CPU's math attention keeps q x scale, k, v and the scores in fp32 under 16-bit autocast
     core = 4 if kwargs["math_fp32"] else v
-    sizes = dict(value_bytes=v, core_bytes=core, mask_bytes=kwargs["mask_bytes"], recompute=layout.recompute)
+    sizes = dict(value_bytes=v, core_bytes=core, mask_bytes=kwargs["mask_bytes"], recompute=layout.recompute,
+                 scores_stored=kwargs["scores_stored"] or kwargs["math_fp32"])
     full = xl.xlnet_block_bytes(cfg, seq, b, M, t, **sizes)
     kept = 0.0
     for layers in stages:

@@ -44,8 +44,11 @@ def _stream_tail(rows: float, b: int, d: int, ffn: float, v: int, mask: float, d
 
 def xlnet_block_bytes(cfg: ModelConfig, seq: int, b: int, num_predict: int, tp: int = 1, *, value_bytes: int = 2,
                       core_bytes: int = 2, mask_bytes: float = 1, recompute: str = "none",
-                      content_used: bool = True) -> float:
-    """One block, one micro-batch (see the module docstring). content_used=False: the model's last block."""
+                      content_used: bool = True, scores_stored: bool = True) -> float:
+    """One block, one micro-batch (see the module docstring). content_used=False: the model's last block.
+    scores_stored=False: a fused kernel (CUDA's memory-efficient SDPA, which takes the additive bias) keeps
+    that bias and a log-sum-exp per row instead of the softmax; not measured here, the CPU always runs the
+    math path (XLNet's float bias)."""
     s, M, d, v = seq, num_predict, cfg.d_model, value_bytes
     heads, inner, ffn = cfg.n_heads / tp, cfg.n_heads * cfg.head_dim / tp, cfg.ffn_dim / tp
     if recompute == "full":  # a checkpointed block keeps its inputs; counted as its outputs (the next one's inputs)
@@ -54,6 +57,8 @@ def xlnet_block_bytes(cfg: ModelConfig, seq: int, b: int, num_predict: int, tp: 
     scores = b * heads * s * s * core_bytes * (3 if attn_drop else 1)  # softmax (+ its dropout mask and output)
     if recompute == "selective":  # the matmul_outputs policy recomputes the element-wise ops (approximate)
         scores = b * heads * s * s * core_bytes
+    if not scores_stored:
+        scores = b * heads * s * (s * v + 4)
     core = 2 * s * b * inner * v + 3 * s * b * inner * core_bytes + scores
     if b > 1:  # the position keys and segment embeddings broadcast over the batch: a copy per core
         core += b * R * inner * v + b * inner * 2 * v
