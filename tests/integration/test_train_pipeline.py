@@ -52,7 +52,7 @@ def _losses(run_dir):
             if '"loss"' in line and '"val_loss"' not in line]
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "encdec", "xlnet"])
 def test_3d_parallel_run_through_the_cli_matches_one_process(tmp_path, family):
     overrides = tiny_overrides(family, *EXTRA, "trainer.global_batch=8", "trainer.eval_every=0")
     single = run_cli(tmp_path / "single", overrides)
