@@ -256,6 +256,23 @@ def xlnet_shared_bytes(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, fl
     return {name: float(t.untyped_storage().nbytes()) for name, t in inputs.items() if t is not None}
 
 
+def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, model: nn.Module) -> Measured:
+    """A whole (small) model run as the trainer runs it without pp: forward, loss, backward."""
+    from scaletrain.models.registry import get_spec
+    from scaletrain.parallel import loss_context
+    from scaletrain.train.precision import autocast
+
+    model = _prepared(model, cfg, dims)
+    batch = family_batch(model_cfg, cfg, cfg.trainer.micro_batch, cfg.trainer.seq_len)
+    inputs = {k: batch[k] for k in get_spec(model_cfg.family).input_keys if k in batch}
+
+    def run(mark):
+        with loss_context(dims), autocast(cfg.precision, "cpu"):
+            return _loss(model_cfg, model(**inputs), batch)
+
+    return forward_backward_bytes(model, run)
+
+
 # ---------------------------------------------------------------------------------------------- model ends
 
 def scored_positions(cfg: TrainConfig, seq: int) -> int:
