@@ -547,8 +547,8 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
         _check(not p.sequence_parallel, "parallel.sequence_parallel is not supported for family xlnet; set it false")
-        _check(p.pp == 1, "family xlnet has no pipeline plan yet (two streams and the memory between stages); "
-                          "set parallel.pp=1")
+        _check(p.pp == 1 or m.mem_len == 0, f"model.mem_len={m.mem_len}: pipeline stages carry no segment memory "
+               "(training runs independent segments); set model.mem_len=0 or parallel.pp=1")
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")

@@ -438,13 +438,14 @@ class PLM:
                 "perm_mask": plm_perm_mask(targets, rng), "target_mapping": mapping, "labels": labels}
 
 
-def synthetic_plm_batch(batch: int, seq_len: int, vocab: int, seed: int) -> Dict[str, "torch.Tensor"]:
+def synthetic_plm_batch(batch: int, seq_len: int, vocab: int, seed: int, k: int = 6,
+                        max_span: int = 5) -> Dict[str, "torch.Tensor"]:
     """A PLM batch of random tokens (ids 0 and 1 play <sep> and <cls>): equivalence tests, the dry run."""
     import torch
 
     special = np.zeros(vocab, dtype=bool)
     special[:2] = True
-    objective, rng = PLM(sep_id=0, cls_id=1, special=special), np.random.default_rng(seed)
+    objective, rng = PLM(sep_id=0, cls_id=1, special=special, k=k, max_span=max_span), np.random.default_rng(seed)
     rows = [objective(rng.integers(2, vocab, objective.window_length(seq_len)), rng) for _ in range(batch)]
     return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
 

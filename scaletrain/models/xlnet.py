@@ -198,27 +198,42 @@ class XLNet(nn.Module):
         new = current if mem is None else torch.cat([mem, current], dim=1)
         return (new[:, -self.cfg.mem_len:] if self.cfg.mem_len else new).detach()
 
-    def streams(self, input_ids, token_type_ids=None, attention_mask=None, perm_mask=None, target_mapping=None,
-                mems=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """-> (last layer's query stream (B, M, D), or content stream (B, T, D) without target_mapping, and
-        the new memory: per layer (B, M_mem', D))."""
-        B, T = input_ids.shape
+    def embed(self, input_ids, target_mapping=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> content stream h (B, T, D), query stream g (B, M, D) or None without target_mapping."""
         h = self.dropout(self.tok_embeddings(input_ids))  # (B, T, D)
-        g = None
-        if target_mapping is not None:
-            g = self.dropout(self.mask_emb.expand(B, target_mapping.shape[1], -1))  # (B, M, D)
-        mem_len = mems[0].shape[1] if mems is not None else 0
+        if target_mapping is None:
+            return h, None
+        return h, self.dropout(self.mask_emb.expand(input_ids.shape[0], target_mapping.shape[1], -1))
+
+    def layer_inputs(self, h, token_type_ids=None, attention_mask=None, perm_mask=None, mem_len: int = 0) -> dict:
+        """What every layer reads besides the streams, built from the batch alone (so a pipeline stage builds
+        its own): the relative positions (B|1, R, D), the two masks, and which keys are in another segment."""
+        B, T, _ = h.shape
         hidden_h, hidden_g = attention_masks(self.cfg, T, mem_len, attention_mask, perm_mask, h.device)
         segment_diff = None
         if token_type_ids is not None:  # memory counts as segment 0
             key_types = torch.cat([token_type_ids.new_zeros(B, mem_len), token_type_ids], dim=1)
             segment_diff = token_type_ids[:, :, None] != key_types[:, None, :]  # (B, T, M_mem + T)
         positions = self.dropout(relative_sinusoid(T, mem_len + T, self.cfg, B, h.device, h.dtype))
+        return dict(positions=positions, hidden_h=hidden_h, hidden_g=hidden_g, segment_diff=segment_diff)
+
+    def run_layers(self, h, g, inputs: dict, mems=None, target_mapping=None):
+        """The layers this module holds (all of them, or a pipeline stage's) -> (h, g, new memory per layer)."""
         new_mems = []
         for key, layer in self.layers.items():
             mem = mems[int(key)] if mems is not None else None
             new_mems.append(self.cache(h, mem))
-            h, g = layer(h, g, positions, hidden_h, hidden_g, segment_diff, mem, target_mapping)
+            h, g = layer(h, g, mem=mem, target_mapping=target_mapping, **inputs)
+        return h, g, new_mems
+
+    def streams(self, input_ids, token_type_ids=None, attention_mask=None, perm_mask=None, target_mapping=None,
+                mems=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (last layer's query stream (B, M, D), or content stream (B, T, D) without target_mapping, and
+        the new memory: per layer (B, M_mem', D))."""
+        h, g = self.embed(input_ids, target_mapping)
+        mem_len = mems[0].shape[1] if mems is not None else 0
+        inputs = self.layer_inputs(h, token_type_ids, attention_mask, perm_mask, mem_len)
+        h, g, new_mems = self.run_layers(h, g, inputs, mems, target_mapping)
         return self.dropout(g if g is not None else h), new_mems
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, perm_mask=None, target_mapping=None,

@@ -212,6 +212,7 @@ def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: M
     from scaletrain.parallel.dryrun_activations import measure_rank_activations, scored_positions
     from scaletrain.plan.memory import (accumulation_bytes, fsdp_gather_bytes, rank_state_elements, stage_memory,
                                         stage_tensors)
+    from scaletrain.plan.memory_xlnet import plm_num_predict
 
     layout = rank_layout(cfg, dims)
     pp_rank = _coordinate(dims, "pp")
@@ -226,8 +227,10 @@ def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: M
     seq = cfg.trainer.seq_len
     scored = 1.0 if dims.pp_enabled else scored_positions(cfg, seq) / seq  # BERT's MLM head without pp
     # the planner for the kernels the CPU ran: float dropout masks, SDPA's math path (s x s) with dropout
+    num_predict = plm_num_predict(seq, cfg.data.plm_k, cfg.data.plm_max_span)  # XLNet's query-stream rows
     result.planner = stage_memory(cfg.model, layout, seq, microbatches * dims.dp_size * layout.micro_batch, pp_rank,
-                                  cfg.precision, cfg.model.attn_dropout > 0, elements, device="cpu", scored=scored)
+                                  cfg.precision, cfg.model.attn_dropout > 0, elements, device="cpu", scored=scored,
+                                  num_predict=num_predict)
     result.fsdp_buffers = (accumulation_bytes(layout, measured.full_elements, microbatches, cfg.precision)
                            + fsdp_gather_bytes(layout, measured.full_elements,
                                                sum(result.activations.layers.values()), cfg.precision))

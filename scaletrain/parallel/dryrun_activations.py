@@ -202,17 +202,58 @@ def measure_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, 
     return forward_backward_bytes(holder, run, marginal=True)
 
 
-def _xlnet_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -> Measured:
-    """XLNet's block takes both streams, the relative positions, two masks and the target mapping, which
-    only the model builds: its bytes are a one-layer model's minus the same model's without the layer."""
+def _xlnet_block(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, content_used: bool = True) -> Measured:
+    """One XLNet block on both streams, its inputs (h (B, T, D), g (B, M, D), and the positions and masks a
+    stage builds once for all its layers) made before the mark, so none of them is counted. content_used=False
+    is the model's last block, whose content output nothing reads: autograd frees that stream's attention and
+    FFN as soon as the block returns."""
+    holder, batch, _ = _xlnet_holder(cfg, model_cfg, dims)
+    dtype = PRECISION_DTYPES[cfg.precision]
+    b, s, d = cfg.trainer.micro_batch, cfg.trainer.seq_len, model_cfg.d_model
+    mapping = batch["target_mapping"]
+    leaves = [torch.randn(b, rows, d, dtype=dtype, requires_grad=True) for rows in (s, mapping.shape[1])]
+    shared = {}  # referenced after the forward too (in the mark and after it), so never counted
+
+    def run(mark):
+        from scaletrain.train.precision import autocast
+
+        h, g = (leaf.clone() for leaf in leaves)  # not leaves: see measure_block
+        shared.update(xlnet_layer_inputs(holder, h, batch))
+        mark()
+        with autocast(cfg.precision, "cpu"):
+            h, g = holder.layers["0"](h, g, target_mapping=mapping, **shared)
+        return (h, g) if content_used else g
+
+    return forward_backward_bytes(holder, run, marginal=True)
+
+
+def _xlnet_holder(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims):
+    """(a one-layer XLNet, parallelized and checkpointed as training does, one PLM micro-batch, its dtype)."""
     from scaletrain.models.registry import build_model
     from scaletrain.parallel.checkpointing import apply_activation_checkpointing
 
-    small = _one_layer(model_cfg)
-    one = _run_model(cfg, model_cfg, dims, apply_activation_checkpointing(
-        build_model(small, "meta"), cfg.trainer.activation_checkpointing))
-    ends = _run_model(cfg, model_cfg, dims, _without_layers(build_model(small, "meta")))
-    return Measured(one.kept - ends.kept, max(one.transient, ends.transient))
+    model = apply_activation_checkpointing(build_model(_one_layer(model_cfg), "meta"),
+                                           cfg.trainer.activation_checkpointing)
+    batch = family_batch(model_cfg, cfg, cfg.trainer.micro_batch, cfg.trainer.seq_len)
+    return _prepared(model, cfg, dims), batch, PRECISION_DTYPES[cfg.precision]
+
+
+def xlnet_layer_inputs(model: nn.Module, h: torch.Tensor, batch: dict) -> dict:
+    """The relative positions and masks every layer of a stage reads (models/xlnet.py: XLNet.layer_inputs)."""
+    return model.layer_inputs(h, batch["token_type_ids"], batch["attention_mask"], batch["perm_mask"])
+
+
+def xlnet_shared_bytes(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, float]:
+    """{name: bytes} of what XLNet.layer_inputs builds once per stage for its layers: the same on every tp rank
+    (positions and masks are not sharded), and it reads no parameter, so a meta model builds them."""
+    from scaletrain.models.registry import build_model
+
+    model = build_model(_one_layer(model_cfg), "meta").train()
+    batch = family_batch(model_cfg, cfg, cfg.trainer.micro_batch, cfg.trainer.seq_len)
+    h = torch.zeros(cfg.trainer.micro_batch, cfg.trainer.seq_len, model_cfg.d_model,
+                    dtype=PRECISION_DTYPES[cfg.precision])
+    inputs = xlnet_layer_inputs(model, h, batch)
+    return {name: float(t.untyped_storage().nbytes()) for name, t in inputs.items() if t is not None}
 
 
 def _run_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, model: nn.Module) -> Measured:
@@ -243,7 +284,7 @@ def family_batch(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, seq: int)
     if model_cfg.family == "xlnet":
         from scaletrain.data.objectives import synthetic_plm_batch
 
-        return synthetic_plm_batch(batch, seq, model_cfg.vocab_size, 0)
+        return synthetic_plm_batch(batch, seq, model_cfg.vocab_size, 0, cfg.data.plm_k, cfg.data.plm_max_span)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq))
     out = {"input_ids": ids, "labels": torch.randint(0, model_cfg.vocab_size, (batch, seq))}
     if model_cfg.family == "bert":  # MLM scores data.mlm_probability of the positions
@@ -305,7 +346,8 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     small = _one_layer(model_cfg)
     batch = family_batch(model_cfg, cfg, b, s)
     context = lambda: autocast(cfg.precision, "cpu")  # noqa: E731
-    if not dims.pp_enabled and model_cfg.family != "encdec":
+    # (a zero-layer XLNet would drop its content stream, which the first layer keeps)
+    if not dims.pp_enabled and model_cfg.family in ("gpt", "bert"):
         return Measured(0.0, 0.0), _run_model(cfg, model_cfg, dims, _without_layers(build_model(small, "meta")))
     n_enc = 1 if model_cfg.family == "encdec" else 0
     n_total = 1 + n_enc
@@ -318,7 +360,8 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
 
     last = _prepared(build_stage_module(build_model(small, "meta"), StagePlan(1, 2, n_total, n_total, n_enc)),
                      cfg, dims)
-    stream = [torch.randn(b, s, model_cfg.d_model, dtype=dtype, requires_grad=True) for _ in range(1 + n_enc)]
+    rows = [s] * (1 + n_enc) + ([batch["target_mapping"].shape[1]] if model_cfg.family == "xlnet" else [])
+    stream = [torch.randn(b, n, model_cfg.d_model, dtype=dtype, requires_grad=True) for n in rows]  # XLNet: h, g
     if model_cfg.family == "encdec" and model_cfg.position == "relative":  # dec_bias (1, H/tp, T, T)
         stream.append(torch.zeros(1, model_cfg.n_heads // dims.tp, s, s, dtype=dtype, requires_grad=True))
 
@@ -384,6 +427,9 @@ def measure_rank_activations(cfg: TrainConfig, model_cfg: ModelConfig, dims: Par
     for index, held in layers.items():
         kept[index] = sum(per_block[stack].kept * n for stack, n in held.items() if n)
         transient[index] = max([per_block[stack].transient for stack, n in held.items() if n] or [0.0])
+    if model_cfg.family == "xlnet":
+        _add_xlnet_stage_parts(cfg, model_cfg, dims, layers, n_stages, per_block["layers"], kept, transient)
+    for index in layers:
         for end, is_end in ((first_end, index == 0), (last_end, index == n_stages - 1)):
             if is_end:
                 kept[index] += end.kept
@@ -395,6 +441,22 @@ def measure_rank_activations(cfg: TrainConfig, model_cfg: ModelConfig, dims: Par
     totals = {stack: sum(held[stack] for held in layers.values()) for stack, _ in BLOCK_KINDS[model_cfg.family]}
     return ActivationReport(per_block, first_end, last_end, kept, peak, kept_peak, microbatches,
                             time.perf_counter() - start, totals)
+
+
+def _add_xlnet_stage_parts(cfg, model_cfg, dims, layers, n_stages, full: Measured, kept: dict, transient: dict):
+    """Once per stage with layers, the positions and masks it builds for them (the content stream's mask only
+    where some block's content output is read); on the stage with the model's last block, that block as it
+    is kept (its content stream freed) instead of a full one."""
+    last = _xlnet_block(cfg, model_cfg, dims, content_used=False)
+    shared = xlnet_shared_bytes(cfg, model_cfg)
+    for index, held in layers.items():
+        if not held["layers"]:
+            continue
+        full_blocks = held["layers"] - (index == n_stages - 1)
+        kept[index] += sum(shared.values()) - (0.0 if full_blocks else shared["hidden_h"])
+        if index == n_stages - 1:
+            kept[index] += last.kept - full.kept
+            transient[index] = max(transient[index], last.transient)
 
 
 def schedule_peak(cfg: TrainConfig, dims: ParallelDims, kept: dict, transient: dict, microbatches: int):

@@ -40,7 +40,8 @@ SCHEDULE_CLASSES = {
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 # batch keys every stage receives as keyword arguments (masks, token types, decoder ids), per family
 STAGE_KWARGS = {"gpt": ("attention_mask",), "bert": ("token_type_ids", "attention_mask"),
-                "encdec": ("decoder_input_ids", "attention_mask", "decoder_attention_mask")}
+                "encdec": ("decoder_input_ids", "attention_mask", "decoder_attention_mask"),
+                "xlnet": ("token_type_ids", "attention_mask", "perm_mask", "target_mapping")}
 
 
 def n_microbatches(trainer: TrainerConfig, dp_size: int) -> int:

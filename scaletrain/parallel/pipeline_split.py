@@ -20,6 +20,7 @@ import torch
 from scaletrain.configs.schema import ModelConfig, ParallelConfig, check_pp_split
 from scaletrain.errors import ConfigError
 from scaletrain.models.blocks import Block
+from scaletrain.models.xlnet import XLNetBlock
 
 V_SHAPED_SCHEDULES = ("zbv", "dualpipev")  # stage s and stage 2pp-1-s live on the same rank
 
@@ -65,8 +66,9 @@ def layer_costs(cfg: ModelConfig) -> tuple[list[int], int]:
     """(parameter count of each layer in execution order, cost of the LM head). The head's V x D matmul
     costs per token what V x D layer parameters do, so it weighs on the last stage; embedding lookups do
     no matmul and are not counted."""
+    block = XLNetBlock if cfg.family == "xlnet" else Block  # XLNet's adds r_proj and the per-head biases
     with torch.device("meta"):
-        encoder_block = sum(p.numel() for p in Block(cfg).parameters())
+        encoder_block = sum(p.numel() for p in block(cfg).parameters())
         decoder_block = sum(p.numel() for p in Block(cfg, cross_attention=True).parameters())
     if cfg.family != "encdec":
         return [encoder_block] * cfg.n_layers, cfg.vocab_size * cfg.d_model

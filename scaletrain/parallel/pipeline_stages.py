@@ -8,7 +8,10 @@ builds its own attention bias. What travels between stages:
 - encoder-decoder, encoder not finished: (enc (B, S, D), dec (B, T, D)) plus, with T5 relative positions,
   (enc_bias (1, H, S, S), dec_bias (1, H, T, T)); the decoder stream rides along untouched;
 - encoder-decoder, encoder finished: (memory (B, S, D), dec (B, T, D)) plus dec_bias with T5, so every
-  decoder stage cross-attends to the same encoder output.
+  decoder stage cross-attends to the same encoder output;
+- XLNet: the content stream h (B, T, D) and, with a target_mapping, the query stream g (B, M, D); each stage
+  rebuilds the relative positions and masks from the batch. Training carries no memory across segments
+  (the schema refuses model.mem_len > 0 with pp), so no `mems` travel.
 The last stage returns what the model's forward returns (logits, or BERT's (mlm, nsp) logits)."""
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from scaletrain.errors import ConfigError
 from scaletrain.models.bert import BERT
 from scaletrain.models.blocks import attention_bias, mask_backend, position_ids
 from scaletrain.models.init import init_model_weights
+from scaletrain.models.xlnet import XLNet
 from scaletrain.parallel.pipeline_split import StagePlan
 
 # where each family keeps its output head; with tied embeddings its weight is the token table
-HEAD_WEIGHT = {"gpt": "lm_head.weight", "bert": "mlm_head.decoder.weight", "encdec": "lm_head.weight"}
+HEAD_WEIGHT = {"gpt": "lm_head.weight", "bert": "mlm_head.decoder.weight", "encdec": "lm_head.weight",
+               "xlnet": "lm_head.weight"}
 
 
 def _prune(model: nn.Module, plan: StagePlan) -> nn.Module:
@@ -40,7 +45,7 @@ def _prune(model: nn.Module, plan: StagePlan) -> nn.Module:
     if not plan.is_first:
         model.tok_embeddings = None
         for owner in (model,) if cfg.family != "encdec" else (model.encoder, model.decoder):
-            for name in ("pos_embeddings", "type_embeddings", "embedding_norm", "relative_bias"):
+            for name in ("pos_embeddings", "type_embeddings", "embedding_norm", "relative_bias", "mask_emb"):
                 if hasattr(owner, name):
                     setattr(owner, name, None)
     if not plan.is_last:
@@ -199,7 +204,25 @@ class EncoderDecoderStage(StageModule):
         return logits + self.final_logits_bias if self.final_logits_bias is not None else logits
 
 
-STAGE_CLASSES = {"gpt": GPTStage, "bert": BERTStage, "encdec": EncoderDecoderStage}
+class XLNetStage(StageModule):
+    def forward(self, *stream: torch.Tensor, token_type_ids=None, attention_mask=None, perm_mask=None,
+                target_mapping=None):
+        if self.plan.is_first:  # stream: (input_ids (B, T),)
+            h, g = self.embed(stream[0], target_mapping)
+        else:  # (h (B, T, D), g (B, M, D)), or (h,) without a target_mapping
+            h, g = stream[0], (stream[1] if len(stream) > 1 else None)
+        # with dropout on, each stage draws its own mask for the positions (one process: one for all layers)
+        inputs = self.layer_inputs(h, token_type_ids, attention_mask, perm_mask)
+        h, g, _ = self.run_layers(h, g, inputs, target_mapping=target_mapping)
+        if not self.plan.is_last:
+            return h.contiguous() if g is None else (h.contiguous(), g.contiguous())
+        return self.lm_head(self.dropout(g if g is not None else h))  # (B, M, V), or (B, T, V)
+
+    # the first stage owns tok_embeddings and mask_emb under the same names; every stage the layers
+    embed, layer_inputs, run_layers, cache = XLNet.embed, XLNet.layer_inputs, XLNet.run_layers, XLNet.cache
+
+
+STAGE_CLASSES = {"gpt": GPTStage, "bert": BERTStage, "encdec": EncoderDecoderStage, "xlnet": XLNetStage}
 
 
 def build_stage_module(model: nn.Module, plan: StagePlan) -> StageModule:

@@ -87,11 +87,12 @@ def _norm(prefix: str, width: int, cfg: ModelConfig, part: str, layer: int = -1)
 
 
 def _linear(prefix: str, fan_out: int, fan_in: int, style: str, cfg: ModelConfig, part: str,
-            layer: int = -1) -> List[ParamTensor]:
-    """style 'col' shards the output features (and bias), 'row' the input features (bias replicated)."""
+            layer: int = -1, bias: Optional[bool] = None) -> List[ParamTensor]:
+    """style 'col' shards the output features (and bias), 'row' the input features (bias replicated).
+    bias: None follows model.bias."""
     weight_dim = {"col": 0, "row": 1, "none": None}[style]
     out = [ParamTensor(f"{prefix}.weight", (fan_out, fan_in), weight_dim, part, layer)]
-    if cfg.bias:
+    if cfg.bias if bias is None else bias:
         out.append(ParamTensor(f"{prefix}.bias", (fan_out,), 0 if style == "col" else None, part, layer))
     return out
 
@@ -136,6 +137,8 @@ def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
     multiple of pad_vocab_multiple x tp, as the trainer does."""
     vocab, d = cfg.padded_vocab_size(tp), cfg.d_model
     out = [ParamTensor("tok_embeddings.weight", (vocab, d), 0, "embed")]
+    if cfg.family == "xlnet":
+        return out + _xlnet_tensors(cfg, vocab)
     if cfg.family != "encdec":
         out += _stack_embeddings("", cfg, "embed", -1)
         for i in range(cfg.n_layers):
@@ -156,6 +159,33 @@ def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
     if cfg.final_norm:
         out += _norm("decoder.final_norm", d, cfg, "head")
     return out + _heads(cfg, vocab)
+
+
+def _xlnet_tensors(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
+    """models/xlnet.py after the token table: the query stream's mask_emb, per block the relative attention
+    (bias-free projections, r_proj for the position keys; the per-head biases and segment embeddings sharded
+    by heads as parallel/tensor.py does) and the FFN, then the LM head's bias (its weight is the tied table)."""
+    d, heads, head_dim, inner = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
+    out = [ParamTensor("mask_emb", (1, 1, d), None, "embed")]
+    for i in range(cfg.n_layers):
+        prefix = f"layers.{i}"
+        out += _norm(f"{prefix}.attn_norm", d, cfg, "layer", i)
+        for name in ("r_w_bias", "r_r_bias", "r_s_bias"):
+            out.append(ParamTensor(f"{prefix}.attn.{name}", (heads, head_dim), 0, "layer", i))
+        out.append(ParamTensor(f"{prefix}.attn.seg_embed", (2, heads, head_dim), 1, "layer", i))
+        for proj in ("q_proj", "k_proj", "v_proj", "r_proj"):
+            out += _linear(f"{prefix}.attn.{proj}", inner, d, "col", cfg, "layer", i, bias=False)
+        out += _linear(f"{prefix}.attn.out_proj", d, inner, "row", cfg, "layer", i, bias=False)
+        out += _norm(f"{prefix}.mlp_norm", d, cfg, "layer", i)
+        out += _linear(f"{prefix}.mlp.fc_in", cfg.ffn_dim, d, "col", cfg, "layer", i)
+        out += _linear(f"{prefix}.mlp.fc_out", d, cfg.ffn_dim, "row", cfg, "layer", i)
+    out.append(ParamTensor("lm_head.bias", (vocab,), 0, "head"))
+    if not cfg.tie_embeddings:
+        out.append(ParamTensor("lm_head.weight", (vocab, d), 0, "head"))
+    if cfg.num_labels > 0:  # the summary (tanh dense on the last token) and the classifier
+        out += _linear("pooler.dense", d, d, "none", cfg, "head", bias=True)
+        out += _linear("classifier", cfg.num_labels, d, "none", cfg, "head", bias=True)
+    return out
 
 
 def _heads(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
@@ -489,12 +519,16 @@ def in_flight_on_rank(layout: Layout, stage: int, microbatches: int) -> float:
 
 
 def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, precision: str,
-                           scores_stored: bool, device: str, scored: float = 1.0) -> tuple:
+                           scores_stored: bool, device: str, scored: float = 1.0,
+                           num_predict: Optional[int] = None) -> tuple:
     """(kept activations of one micro-batch on pp rank `stage`, the largest transient in its backward):
     its layers (encoder and cross-attending decoder blocks apart), the embedding output when it holds the
     first stage, the logits and their fp32 copy for the loss when it holds the last. scored: the share of
-    positions BERT's MLM head runs on (the labelled ones when the model sees the labels: no pp)."""
+    positions BERT's MLM head runs on (the labelled ones when the model sees the labels: no pp). num_predict:
+    XLNet's query-stream rows (default: data.plm_k and plm_max_span's defaults at this seq)."""
     kwargs = activation_kwargs(cfg, precision, scores_stored, device)
+    if cfg.family == "xlnet":
+        return _xlnet_stage_bytes(cfg, layout, seq, stage, kwargs, num_predict)
     value_bytes = kwargs["value_bytes"]
     b, t, sp = layout.micro_batch, layout.tp, layout.sequence_parallel
 
@@ -536,9 +570,43 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
     return kept, transient
 
 
+def _xlnet_stage_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, kwargs: dict,
+                       num_predict: Optional[int]) -> tuple:
+    """stage_activation_bytes for XLNet (plan/memory_xlnet.py): full blocks, the model's last block without
+    its content stream, the positions and masks once per stage module, the embeddings and the head."""
+    from scaletrain.plan import memory_xlnet as xl
+
+    M = xl.plm_num_predict(seq) if num_predict is None else num_predict
+    b, t, v = layout.micro_batch, layout.tp, kwargs["value_bytes"]
+    plans, owned = stage_split(cfg, layout)
+    stages = [range(plans[i].start, plans[i].end) for i in owned[stage]] if layout.pp > 1 else [range(cfg.n_layers)]
+    first = layout.pp == 1 or 0 in owned[stage]
+    last = layout.pp == 1 or len(plans) - 1 in owned[stage]
+    # the CPU's math attention keeps q x scale, k, v and the scores in fp32 under 16-bit autocast
+    core = 4 if kwargs["math_fp32"] else v
+    sizes = dict(value_bytes=v, core_bytes=core, mask_bytes=kwargs["mask_bytes"], recompute=layout.recompute,
+                 scores_stored=kwargs["scores_stored"] or kwargs["math_fp32"])
+    full = xl.xlnet_block_bytes(cfg, seq, b, M, t, **sizes)
+    kept = 0.0
+    for layers in stages:
+        if not layers:
+            continue
+        holds_last = cfg.n_layers - 1 in layers
+        kept += (len(layers) - holds_last) * full + xl.xlnet_shared_bytes(cfg, seq, b, v, len(layers) > holds_last)
+        if holds_last:
+            kept += xl.xlnet_block_bytes(cfg, seq, b, M, t, **sizes, content_used=False)
+    kept += xl.xlnet_end_bytes(cfg, seq, b, M, v, kwargs["mask_bytes"], first, last, t)
+    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model) * v  # as stage_activation_bytes: one block's gradients
+    if layout.recompute != "none":  # and the forward it reruns
+        transient += xl.xlnet_block_bytes(cfg, seq, b, M, t, **{**sizes, "recompute": "none"}) - full
+    if last:
+        transient = max(transient, M * b * cfg.padded_vocab_size(t) / t * (v + 4))
+    return kept, transient
+
+
 def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, stage: int,
-                 precision: str = "bf16", scores_stored: bool = False,
-                 elements: Optional[tuple] = None, device: str = "cuda", scored: float = 1.0) -> MemoryEstimate:
+                 precision: str = "bf16", scores_stored: bool = False, elements: Optional[tuple] = None,
+                 device: str = "cuda", scored: float = 1.0, num_predict: Optional[int] = None) -> MemoryEstimate:
     """Peak memory of the rank at dp/tp index 0 of pp rank `stage` (ceil-sized shards: the largest).
     scores_stored=False models a fused (flash) attention kernel, which keeps a log-sum-exp per row instead of
     the s x s scores. `elements` (rank_state_elements of this stage) may be passed in by callers that cache it."""
@@ -546,7 +614,8 @@ def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, 
     full = stage_parameters(cfg, layout, stage)
     p, g, o = model_state_bytes(elements, precision)
     microbatches = global_batch // (layout.dp * layout.micro_batch)
-    kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device, scored)
+    kept, transient = stage_activation_bytes(cfg, layout, seq, stage, precision, scores_stored, device, scored,
+                                             num_predict)
     activations = kept * in_flight_on_rank(layout, stage, microbatches)
     buffers = (transient + accumulation_bytes(layout, full, microbatches, precision)
                + fsdp_gather_bytes(layout, full, sum(rank_layers(cfg, layout, stage)), precision))

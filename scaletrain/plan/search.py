@@ -88,13 +88,17 @@ def enumerate_layouts(request: PlanRequest) -> Iterator[Layout]:
     layers = total_layers(cfg)
     node = request.devices_per_node
     fixed = request.fixed
-    layered = cfg.family != "xlnet"  # XLNet has no pipeline or sequence-parallel plan (configs/schema.py)
+    # No sequence parallelism for XLNet (configs/schema.py refuses it): the SP plan shards one residual stream
+    # (a block's first input) over the sequence, but an XLNet block carries two, the content stream over T
+    # and the query stream over M = num_predict rows (which need not divide by tp), and its relative attention
+    # reads every position's keys and the (B, T, T) masks whole.
+    sequence_parallel_plan = cfg.family != "xlnet"
     for tp in _divisors(min(node, n)):
         if cfg.n_heads % tp or cfg.ffn_dim % tp:
             continue
         for pp in _divisors(n // tp):
             dp = n // (tp * pp)
-            if layers % pp or request.global_batch % dp or (pp > 1 and not layered):
+            if layers % pp or request.global_batch % dp:
                 continue
             per_rank = request.global_batch // dp
             virtuals = [v for v in (1, 2, 4) if pp > 1 and layers % (pp * v) == 0] or [1]
@@ -105,7 +109,8 @@ def enumerate_layouts(request: PlanRequest) -> Iterator[Layout]:
                         continue
                     for zero in (range(4) if dp > 1 else (0,)):
                         for recompute in RECOMPUTE_MODES:
-                            for sp in ((False, True) if tp > 1 and request.seq_len % tp == 0 and layered else (False,)):
+                            sp_choices = (False, True) if tp > 1 and request.seq_len % tp == 0 else (False,)
+                            for sp in sp_choices if sequence_parallel_plan else (False,):
                                 layout = Layout(tp, pp, dp, v, zero, b, recompute, sp,
                                                 "interleaved_1f1b" if v > 1 else "1f1b")
                                 if all(getattr(layout, k) == val for k, val in fixed.items()):

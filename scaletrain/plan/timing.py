@@ -79,7 +79,13 @@ def layer_forward_flops(cfg: ModelConfig, tokens: int, seq: int, cross_attention
 
 
 def model_forward_flops(cfg: ModelConfig, tokens: int, seq: int) -> float:
-    """Forward FLOPs of the whole model, the output projection (2·h·V per token) included."""
+    """Forward FLOPs of the whole model, the output projection (2·h·V per token) included. XLNet: its two
+    streams and relative positions, as MFU counts them (train/metrics.py), on PLM batches."""
+    if cfg.family == "xlnet":
+        from scaletrain.plan.memory_xlnet import plm_num_predict
+        from scaletrain.train.metrics import forward_flops
+
+        return float(forward_flops(cfg, tokens // seq, seq, plm_num_predict(seq)))
     flops = cfg.n_layers * layer_forward_flops(cfg, tokens, seq)
     if cfg.family == "encdec":
         flops += cfg.decoder_layers * layer_forward_flops(cfg, tokens, seq, cross_attention=True)

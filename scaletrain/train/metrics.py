@@ -20,6 +20,9 @@ g = 3 if the FFN is gated (fc_in, fc_gate, fc_out) else 2, V = padded vocab, T =
                        the decoder layers: self-attention (keys T_dec), cross-attention q/out on decoder
                        tokens, cross k/v projections on the T_enc encoder outputs (once per decoder layer),
                        cross scores over T_enc keys; the output projection on the T_dec tokens.
+  XLNet:               the content stream over T rows, the query stream over M = num_predict rows, both
+                       attending at the T positions to T (+ memory, when mems are passed) keys, plus the
+                       relative positions (_xlnet_flops).
 
 Training = forward + backward = 3 x forward (backward computes gradients for inputs and weights). Recompute
 from activation checkpointing is not counted: MFU measures useful model FLOPs, not hardware FLOPs."""
@@ -47,29 +50,42 @@ def _layer_flops(d: int, a: int, f: int, gated: bool, tokens: int, keys: int) ->
     return tokens * (projections + attention + mlp)
 
 
-def _xlnet_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_predict: int, vocab: int) -> int:
-    """XLNet (models/xlnet.py) per layer and sequence. Content stream: q/k/v/out projections, q . k and the
-    weighted sum over the `keys` (T + mem), q . r over the R relative positions (T + keys when
-    bidirectional) and their projection, the MLP. Query stream of M = num_predict rows: q and out
-    projections and the MLP on M rows, but its attention runs at the T token positions (target_mapping
-    moves the M queries there and back: 2 x 2MTa). The head scores the M rows (all T without targets)."""
+def _xlnet_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_predict: int, vocab: int,
+                 memory: int = 0) -> tuple[int, int]:
+    """XLNet (models/xlnet.py): (forward FLOPs, the part of them whose matmuls have one constant operand).
+    T = seq_len tokens, K = T + `memory` keys (the previous segment's rows, only when mems are passed; training
+    passes none), R relative positions (K + T bidirectional, K + 1 causal), M = num_predict query rows.
+    Per layer and sequence:
+      keys and values of the K context rows: 2 x 2Kda;
+      content stream, T rows: q and out projections, the MLP, and its attention core over the T positions:
+        q.k and the weighted sum over K keys (4TKa), q.r over the R positions (2TRa), the two segment scores;
+      query stream, M rows: q and out projections and the MLP on M rows; its core runs at the T positions of
+        its targets (target_mapping moves the M queries there and back: 2 x 2MTa).
+    Per layer and batch: r_proj of the R positions (once per direction with bi_data). The head scores the M
+    rows (all T without targets). The model's last content stream is not counted when there is a query
+    stream: nothing reads it (the model computes it, but its output depends on it nowhere), only its keys and
+    values. Constant operands: the positions (r_proj gets only a weight gradient) and target_mapping (only
+    the moved stream gets one), so their matmuls cost 2x forward in training, not 3x."""
     d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
     mlp = 2 * d * f * (3 if cfg.activation.startswith("gated") else 2)
-    keys = seq_len + cfg.mem_len
-    relative = keys + (seq_len if cfg.attn_type == "bi" else 0)
-    # over the T positions, either stream: content and position scores, the weighted sum, the two segment scores
-    attention = seq_len * (4 * keys * a + 2 * relative * a + 2 * 2 * a)
-    content = seq_len * (2 * d * 3 * a + 2 * a * d + mlp) + attention
-    query = num_predict * (2 * d * a + 2 * a * d + mlp + 4 * seq_len * a) + attention if num_predict else 0
-    # the relative positions are projected once per batch (once per direction with bi_data)
-    positions = cfg.n_layers * 2 * relative * d * a * (2 if cfg.bi_data else 1)
-    return batch_size * (cfg.n_layers * (content + query) + (num_predict or seq_len) * 2 * d * vocab) + positions
+    T, M, K = seq_len, num_predict, seq_len + memory
+    R = K + T if cfg.attn_type == "bi" else K + 1
+    core = T * (4 * K * a + 2 * R * a + 2 * 2 * a)  # either stream, at the T positions
+    content = T * (2 * d * a + 2 * a * d + mlp) + core
+    moves = 2 * 2 * M * T * a
+    query = M * (2 * d * a + 2 * a * d + mlp) + moves + core if M else 0
+    keys_values = 2 * 2 * K * d * a
+    layers = cfg.n_layers * (keys_values + query) + (cfg.n_layers - (1 if M else 0)) * content
+    positions = cfg.n_layers * 2 * R * d * a * (2 if cfg.bi_data else 1)
+    forward = batch_size * (layers + (M or T) * 2 * d * vocab) + positions
+    return forward, positions + batch_size * cfg.n_layers * moves
 
 
 def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1,
-                  mlm_positions: Optional[int] = None) -> int:
-    """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length,
-    `mlm_positions` the positions BERT's MLM head scores in the whole batch (None: every position)."""
+                  mlm_positions: Optional[int] = None, memory: int = 0) -> int:
+    """Forward FLOPs of one batch. `seq_len` is the (encoder) input length, `decoder_len` the target length
+    (XLNet: the query stream's rows), `mlm_positions` the positions BERT's MLM head scores in the whole batch
+    (None: every position), `memory` the rows of XLNet's mems passed in."""
     d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
     gated = cfg.activation.startswith("gated")
     vocab = cfg.padded_vocab_size(tp)
@@ -80,8 +96,8 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: 
         per_sequence += (2 * d * d if cfg.pooler else 0) + (2 * d * 2 if cfg.nsp_head else 0)
         scored = batch_size * seq_len if mlm_positions is None else mlm_positions
         return batch_size * per_sequence + scored * (2 * d * d + 2 * d * vocab)  # MLM transform + tied decoder
-    if cfg.family == "xlnet":  # decoder_len: the query stream's rows (num_predict)
-        return _xlnet_flops(cfg, batch_size, seq_len, decoder_len, vocab)
+    if cfg.family == "xlnet":
+        return _xlnet_flops(cfg, batch_size, seq_len, decoder_len, vocab, memory)[0]
     t_enc, t_dec = seq_len, decoder_len or seq_len
     encoder = cfg.n_layers * _layer_flops(d, a, f, gated, t_enc, t_enc)
     decoder_self = _layer_flops(d, a, f, gated, t_dec, t_dec)
@@ -90,15 +106,18 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: 
 
 
 def training_flops(cfg: ModelConfig, batch_size: int, seq_len: int, decoder_len: int = 0, tp: int = 1,
-                   mlm_positions: Optional[int] = None) -> int:
-    return TRAINING_MULTIPLIER * forward_flops(cfg, batch_size, seq_len, decoder_len, tp, mlm_positions)
+                   mlm_positions: Optional[int] = None, memory: int = 0) -> int:
+    flops = TRAINING_MULTIPLIER * forward_flops(cfg, batch_size, seq_len, decoder_len, tp, mlm_positions, memory)
+    if cfg.family == "xlnet":  # matmuls with a constant operand compute one gradient in backward, not two
+        flops -= _xlnet_flops(cfg, batch_size, seq_len, decoder_len, cfg.padded_vocab_size(tp), memory)[1]
+    return flops
 
 
 def batch_flops(cfg: ModelConfig, batch: dict) -> int:
     """Training FLOPs of one micro-batch from its tensor shapes (the same formula for every family)."""
     batch_size, seq_len = batch["input_ids"].shape
     decoder_len = batch["decoder_input_ids"].shape[1] if "decoder_input_ids" in batch else 0
-    if "target_mapping" in batch:  # XLNet's query stream
+    if "target_mapping" in batch:  # XLNet's query stream (training passes no mems)
         decoder_len = batch["target_mapping"].shape[1]
     mlm_positions = None
     if cfg.family == "bert" and "labels" in batch:  # what the trainer passes: the head scores these only

@@ -62,7 +62,7 @@ def test_cli_dry_run_of_gpt3_at_1024_ranks(tmp_path):
     assert float(total.split()[-1]) == pytest.approx(1.0, abs=0.02)
 
 
-OBJECTIVES = {"gpt": "clm", "bert": "mlm", "t5": "t5_span", "bart": "bart_denoise"}
+OBJECTIVES = {"gpt": "clm", "bert": "mlm", "t5": "t5_span", "bart": "bart_denoise", "xlnet": "plm"}
 # (model, tp, pp, dp_replicate, dp_shard, zero, rank, overrides): pp, HSDP, 3D and ZeRO 0-3 for the three
 # families, world sizes 4 to 1,024; models big enough for the closed form where the world is large
 LAYOUTS = [
@@ -105,6 +105,26 @@ def test_every_layout_measures_the_formulas_model_states_and_the_planners_activa
     if not model.endswith("_tiny"):  # the closed form takes Psi/tp for every tensor; tiny models' norms are not
         assert_within_2_percent(measured, result.formula)
     assert result.activations.kept_peak == pytest.approx(planner.activations, rel=0.10)
+
+
+# XLNet (tiny, dropout on): (tp, pp, dp_shard, zero, rank, overrides); micro-batch 1 and 3 (a batch of one
+# turns the batch broadcasts of the position keys, segment terms and target_mapping into views)
+XLNET_LAYOUTS = [(1, 1, 1, 0, 0, ["precision=fp32", "trainer.micro_batch=3"]),
+                 (2, 1, 2, 3, 3, ["trainer.micro_batch=1"]),
+                 (1, 2, 1, 0, 0, ["precision=fp32"]),
+                 (2, 2, 1, 1, 3, ["model.n_layers=3", "trainer.micro_batch=1"]),
+                 (1, 1, 2, 2, 1, ["trainer.activation_checkpointing=full"])]
+
+
+@pytest.mark.parametrize("tp,pp,shard,zero,rank,overrides", XLNET_LAYOUTS)
+def test_xlnet_planner_activations_are_the_dry_runs_measured_bytes(tp, pp, shard, zero, rank, overrides):
+    """Both streams' blocks, the model's last block without its content stream, the positions and masks once
+    per stage, the embeddings and the head: the planner's bytes are what the CPU kept, to the byte."""
+    cfg = layout_config("xlnet_tiny", tp, pp, 1, shard, zero, rank, ["model.dropout=0.1", "model.attn_dropout=0.1",
+                                                                     *overrides], seq=40)
+    result = dry_run_of(cfg)
+    assert result.activations.kept_peak == result.planner.activations
+    assert (result.measured.params, result.measured.optimizer) == (result.planner.params, result.planner.optimizer)
 
 
 def test_gpt3_175b_3d_rank_holds_its_stage_under_zero_1():

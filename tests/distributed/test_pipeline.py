@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from scaletrain.configs.schema import ParallelConfig, TrainConfig, TrainerConfig
+from scaletrain.data.objectives import synthetic_plm_batch
 from scaletrain.models.registry import build_model, get_spec, load_model_config
 from scaletrain.parallel import materialize, padded_model_config, parallelize, shard_optimizer_state
 from scaletrain.parallel.dims import ParallelDims
@@ -21,16 +22,18 @@ from scaletrain.parallel.pipeline import build_pipeline, n_microbatches
 SEED, STEPS, LR = 7, 3, 0.5
 BATCH, SEQ, DEC_SEQ = 8, 12, 10
 FAMILY_MODELS = {"gpt": "gpt_tiny", "bert": "bert_tiny", "t5": "t5_tiny", "bart": "bart_tiny",
-                 "transformer": "transformer_tiny"}
+                 "transformer": "transformer_tiny", "xlnet": "xlnet_tiny"}
 
 
 def model_config(name: str):
-    return load_model_config(FAMILY_MODELS[name], {"n_layers": 4} if name in ("gpt", "bert") else {})
+    return load_model_config(FAMILY_MODELS[name], {"n_layers": 4} if name in ("gpt", "bert", "xlnet") else {})
 
 
 def make_batches(cfg, steps: int = STEPS) -> list[dict]:
     """Deterministic batches of the family's objective, with right padding so masks matter."""
     generator = torch.Generator().manual_seed(SEED)
+    if cfg.family == "xlnet":  # both streams: perm_mask (B, T, T), target_mapping (B, M, T), labels (B, M)
+        return [synthetic_plm_batch(BATCH, SEQ, cfg.vocab_size, SEED + step) for step in range(steps)]
     batches = []
     for _ in range(steps):
         ids = torch.randint(3, cfg.vocab_size, (BATCH, SEQ), generator=generator)
@@ -173,13 +176,14 @@ def test_pipeline_matches_single_process(world_size, fields):
 
 def test_every_schedule_matches_single_process():
     """GPipe, looped BFS and the zero-bubble schedules (ZBV and DualPipeV put the first and last stage on
-    one rank) on a decoder-only and an encoder-decoder model."""
+    one rank) on a decoder-only, an encoder-decoder and the two-stream XLNet model."""
     layouts = [dict(pp=2, pp_schedule="gpipe"), dict(pp=2, pp_virtual=2, pp_schedule="looped_bfs"),
                dict(pp=2, pp_virtual=2, pp_schedule="interleaved_zb"), dict(pp=2, pp_virtual=2, pp_schedule="zbv"),
                dict(pp=2, pp_virtual=2, pp_schedule="dualpipev")]
-    cases = [(name, fields) for name in ("gpt", "t5") for fields in layouts]
+    names = ("gpt", "t5", "xlnet")
+    cases = [(name, fields) for name in names for fields in layouts]
     results = run_on_ranks(_pipeline_cases, 2, cases, timeout=600)
-    references = {name: single_process_run(name) for name in ("gpt", "t5")}
+    references = {name: single_process_run(name) for name in names}
     for index, (name, _) in enumerate(cases):
         assert_matches_single_process(name, results, index, references[name])
 

@@ -1,6 +1,6 @@
 """Pipeline parallelism through the real trainer: pp2 (1F1B, and the V-shaped ZBV / DualPipeV with their
 forward-only validation) and a 3D pp2 x tp2 x dp2 run through the CLI train to the losses, gradient norms
-and parameters of the same run in one process, for every family."""
+and parameters of the same run in one process, for every family (XLNet: both streams between stages)."""
 
 import json
 
@@ -21,12 +21,13 @@ def _train_on_rank(rank, world_size, run_dir, overrides):
     return trainer.losses, trainer.last_record["grad_norm"], trainer.last_eval["val_loss"], full_params(trainer)
 
 
-@pytest.mark.parametrize("family, schedule", [("gpt", "1f1b"), ("bert", "1f1b"), ("encdec", "1f1b"),
-                                              ("gpt", "dualpipev"), ("encdec", "zbv")])
+@pytest.mark.parametrize("family, schedule", [("gpt", "1f1b"), ("bert", "1f1b"), ("encdec", "1f1b"), ("xlnet", "1f1b"),
+                                              ("gpt", "dualpipev"), ("encdec", "zbv"), ("xlnet", "zbv")])
 def test_two_pipeline_stages_match_one_process(tmp_path, family, schedule):
     # ZBV / DualPipeV: 4 stages on 2 ranks (stages 0 and 3 on rank 0), and a forward-only validation
     v_shaped = schedule != "1f1b"
-    overrides = tiny_overrides(family, *EXTRA, *(["model.n_layers=4"] if v_shaped and family == "gpt" else []))
+    four_layers = v_shaped and family in ("gpt", "xlnet")
+    overrides = tiny_overrides(family, *EXTRA, *(["model.n_layers=4"] if four_layers else []))
     single = make_trainer(tmp_path / "single", overrides)
     single.train()
     reference = model_params(single)
@@ -51,7 +52,7 @@ def _losses(run_dir):
             if '"loss"' in line and '"val_loss"' not in line]
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "encdec", "xlnet"])
 def test_3d_parallel_run_through_the_cli_matches_one_process(tmp_path, family):
     overrides = tiny_overrides(family, *EXTRA, "trainer.global_batch=8", "trainer.eval_every=0")
     single = run_cli(tmp_path / "single", overrides)

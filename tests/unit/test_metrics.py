@@ -69,3 +69,52 @@ def test_throughput_reports_rates_and_mfu():
 def test_peak_memory_is_at_least_a_large_allocation():
     block = torch.ones(64, 1024, 1024)  # 256 MiB touched
     assert peak_memory_bytes(torch.device("cpu")) >= block.numel() * 4
+
+
+def _xlnet_batch(cfg, batch, seq_len, num_predict, generator):
+    perm_mask = (torch.rand(batch, seq_len, seq_len, generator=generator) < 0.3).float()
+    mapping = torch.zeros(batch, num_predict, seq_len)
+    mapping[:, torch.arange(num_predict), torch.arange(num_predict) * 2] = 1.0
+    return {"input_ids": torch.randint(1, cfg.vocab_size, (batch, seq_len), generator=generator),
+            "token_type_ids": (torch.arange(seq_len) >= seq_len // 2).long().expand(batch, seq_len),
+            "perm_mask": perm_mask, "target_mapping": mapping}
+
+
+@pytest.mark.parametrize("attn_type", ["bi", "uni"])
+def test_xlnet_flops_count_both_streams_against_torch_flop_counter(attn_type):
+    """Counted by torch: everything the model runs, less its last content stream (q projection, attention at
+    T positions over T keys, out projection and MLP, written out here), which the output never reads and
+    backward never visits. model.mem_len (kept memory) changes nothing: training passes no mems."""
+    cfg = load_model_config("xlnet_tiny", {"attn_type": attn_type, "mem_len": 8})
+    model = build_model(cfg, "cpu")
+    B, T, M = 2, 12, 4
+    batch = _xlnet_batch(cfg, B, T, M, torch.Generator().manual_seed(0))
+    d, a, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim
+    R = 2 * T if attn_type == "bi" else T + 1
+    unread = B * T * (2 * d * a + (4 * T * a + 2 * R * a + 4 * a) + 2 * a * d + 2 * 2 * d * f)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward_counter:
+        model(**batch)
+    assert forward_flops(cfg, B, T, M) + unread == forward_counter.get_total_flops()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as train_counter:
+        model(**batch).sum().backward()
+    assert batch_flops(cfg, batch) + unread == train_counter.get_total_flops()
+    assert forward_flops(cfg, B, T, M) == forward_flops(load_model_config("xlnet_tiny", {"attn_type": attn_type}),
+                                                        B, T, M)
+
+
+def test_xlnet_flops_with_memory_attend_over_memory_and_tokens():
+    """With mems of P rows the keys and values cover P + T rows and the positions P + 2T distances; without a
+    target_mapping there is only the content stream, scored on all T tokens. (Segment scores are counted:
+    every XLNet batch of the trainer has token types.)"""
+    cfg = load_model_config("xlnet_tiny")
+    model = build_model(cfg, "cpu")
+    B, T, P = 2, 10, 6
+    ids = torch.randint(1, cfg.vocab_size, (B, T))
+    mems = [torch.randn(B, P, cfg.d_model) for _ in range(cfg.n_layers)]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, token_type_ids=torch.zeros_like(ids), mems=mems)
+    assert forward_flops(cfg, B, T, memory=P) == counter.get_total_flops()
+    d, a, f, V, L = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size(), cfg.n_layers
+    K, R = P + T, P + 2 * T
+    per_layer = 2 * 2 * K * d * a + T * (2 * d * a + 4 * K * a + 2 * R * a + 4 * a + 2 * a * d + 2 * 2 * d * f)
+    assert forward_flops(cfg, B, T, memory=P) == B * (L * per_layer + T * 2 * d * V) + L * 2 * R * d * a

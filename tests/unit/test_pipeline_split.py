@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from scaletrain.configs.schema import ParallelConfig, TrainerConfig
+from scaletrain.configs.store import compose_config
+from scaletrain.data.objectives import synthetic_plm_batch
 from scaletrain.errors import ConfigError
 from scaletrain.models.registry import build_model, load_model_config
 from scaletrain.parallel.pipeline import n_microbatches, validate_schedule
 from scaletrain.parallel.pipeline_split import balanced_boundaries, local_stage_indices, stage_plans
 from scaletrain.parallel.pipeline_stages import build_stage_module
+from scaletrain.train.main import validate
 
-MODELS = ["gpt_tiny", "bert_tiny", "t5_tiny", "bart_tiny", "transformer_tiny"]
+MODELS = ["gpt_tiny", "bert_tiny", "t5_tiny", "bart_tiny", "transformer_tiny", "xlnet_tiny"]
 
 
 def test_balanced_boundaries_minimize_the_largest_stage():
@@ -65,6 +68,10 @@ def _inputs(cfg):
         return (ids,), {}
     if cfg.family == "bert":
         return (ids,), {"attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    if cfg.family == "xlnet":  # both streams travel: content (B, T, D) and query (B, M, D)
+        batch = synthetic_plm_batch(2, 12, cfg.vocab_size, seed=0)
+        batch["attention_mask"][0, :2] = 0  # XLNet pads on the left
+        return (batch.pop("input_ids"),), {k: v for k, v in batch.items() if k != "labels"}
     return (ids,), {"attention_mask": mask, "decoder_input_ids": torch.randint(3, cfg.vocab_size, (2, 7),
                                                                                generator=generator)}
 
@@ -72,8 +79,8 @@ def _inputs(cfg):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("n_stages", [2, 3, 5])
 def test_stages_in_sequence_equal_the_whole_model(name, n_stages):
-    cfg = load_model_config(name, {"n_layers": 3, "n_decoder_layers": 2} if "gpt" not in name and "bert" not in name
-                            else {"n_layers": 5})
+    single_stack = any(family in name for family in ("gpt", "bert", "xlnet"))
+    cfg = load_model_config(name, {"n_layers": 5} if single_stack else {"n_layers": 3, "n_decoder_layers": 2})
     model = build_model(cfg, "cpu")
     model.init_weights(3)
     args, kwargs = _inputs(cfg)
@@ -95,8 +102,9 @@ def test_stages_in_sequence_equal_the_whole_model(name, n_stages):
         torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
 
 
-def test_stage_init_equals_the_whole_models_init():
-    cfg = load_model_config("bart_tiny")
+@pytest.mark.parametrize("name", ["bart_tiny", "xlnet_tiny"])
+def test_stage_init_equals_the_whole_models_init(name):
+    cfg = load_model_config(name, {"n_layers": 3})
     model = build_model(cfg, "cpu")
     model.init_weights(11)
     for plan in stage_plans(cfg, ParallelConfig(pp=3)):
@@ -112,6 +120,15 @@ def test_classification_models_are_refused():
     plan = stage_plans(cfg, ParallelConfig(pp=2))[0]
     with pytest.raises(ConfigError, match="num_labels"):
         build_stage_module(build_model(cfg, "meta"), plan)
+
+
+def test_xlnet_pipeline_with_segment_memory_is_refused_in_one_line():
+    overrides = ["model=xlnet_tiny", "data=xlnet_plm", "parallel.pp=2", "launcher.nproc_per_node=2",
+                 "trainer.global_batch=4", "trainer.micro_batch=1"]
+    validate(compose_config(overrides))  # memory off: accepted
+    with pytest.raises(ConfigError, match="^model.mem_len=8: pipeline stages carry no segment memory") as error:
+        validate(compose_config(overrides + ["model.mem_len=8"]))
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("fields,n_micro,message", [

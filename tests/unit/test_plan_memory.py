@@ -35,8 +35,7 @@ def test_first_stage_holds_pp_microbatches_and_interleaving_adds_its_factor():
     assert in_flight_microbatches(Layout(pp=4, pp_virtual=2), 64) == pytest.approx(4 * (1 + 3 / 8))
 
 
-# XLNet is not in the planner's inventory yet (issue 15, item 4)
-@pytest.mark.parametrize("name", [n for n in available("model") if not n.startswith("xlnet")])
+@pytest.mark.parametrize("name", available("model"))
 def test_inventory_is_the_real_models_parameters(name):
     cfg = load_model_config(name)
     padded = dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size(1), pad_vocab_multiple=1)

@@ -123,3 +123,27 @@ def test_table_gets_planned_layout_and_time_columns(capsys):
         flops_per_token = training_flops(cfg, 1, plan["seq_len"]) / plan["seq_len"]
         seconds = 1e10 * flops_per_token / (plan["mfu"] * 125e12 * 8)
         assert plan["days"] == pytest.approx(seconds / 86400, rel=1e-6)
+
+
+def test_xlnet_layouts_include_pipelines_but_not_sequence_parallelism():
+    from scaletrain.plan.cli import request_from_config
+    from scaletrain.plan.search import enumerate_layouts, evaluate
+    from scaletrain.train.main import validate
+
+    cfg = compose_config(["model=xlnet_large", "data=xlnet_plm", "cluster=a100_80g", "launcher.nodes=2",
+                          "trainer.global_batch=64", "trainer.seq_len=512"])
+    request = request_from_config(cfg)
+    layouts = list(enumerate_layouts(request))
+    assert any(layout.pp > 1 for layout in layouts) and not any(layout.sequence_parallel for layout in layouts)
+    pipelined = next(layout for layout in layouts if (layout.pp, layout.tp, layout.recompute) == (2, 2, "none"))
+    same = (1, 2, "none", pipelined.micro_batch, pipelined.zero)
+    single = next(layout for layout in layouts
+                  if (layout.pp, layout.tp, layout.recompute, layout.micro_batch, layout.zero) == same)
+    # the first stage holds half the layers (and the embeddings) but 2 micro-batches of them in flight (1F1B);
+    # without pp the last block's content stream and the head come on top of the other half
+    staged, whole = evaluate(request, pipelined).memory, evaluate(request, single).memory
+    assert staged.params < 0.6 * whole.params
+    assert staged.activations == pytest.approx(whole.activations, rel=0.15)
+    validate(compose_config(["model=xlnet_large", "data=xlnet_plm", "parallel.pp=2", "parallel.tp=2",
+                             "parallel.dp_shard=2", "launcher.nproc_per_node=8", "trainer.global_batch=64",
+                             "trainer.micro_batch=2"]))

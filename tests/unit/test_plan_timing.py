@@ -30,3 +30,18 @@ def test_fsdp_collectives_per_step(zero, pp, extra_gathers):
     # one fp32 all-gather of the parameters: (d-1)/d x 4 B x 1e9 / 1 GB/s = 3.5 s
     assert dp_comm(0, pp) == pytest.approx(7.0)
     assert dp_comm(zero, pp) == pytest.approx(7.0 + 3.5 * extra_gathers)
+
+
+def test_xlnet_step_flops_are_the_two_streams_mfu_counts():
+    """The planner's XLNet forward is train/metrics.py's (content over T rows, query over M, relative
+    positions), not a single-stream encoder's: at seq 512, M = 90 query rows add about a quarter."""
+    import dataclasses
+
+    from scaletrain.models.registry import load_model_config
+    from scaletrain.plan.timing import model_forward_flops
+    from scaletrain.train.metrics import forward_flops
+
+    cfg = load_model_config("xlnet_large")
+    assert model_forward_flops(cfg, 8 * 512, 512) == forward_flops(cfg, 8, 512, 90)
+    single_stream = dataclasses.replace(cfg, family="bert", position="learned", type_vocab_size=0)
+    assert 1.2 < model_forward_flops(cfg, 8 * 512, 512) / model_forward_flops(single_stream, 8 * 512, 512) < 1.3
