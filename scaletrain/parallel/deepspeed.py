@@ -1,0 +1,311 @@
+"""DeepSpeed as the second engine behind the trainer's seams (parallel.engine=deepspeed).
+
+What stays ours: the model, the optimizer's construction (param groups, hyperparameters), the LR schedule
+(it sets the lr of DeepSpeed's param groups before every update; DeepSpeed's own scheduler is never built),
+the loss normalisation, data, metrics, signals and checkpoints. What DeepSpeed does: ZeRO 1-3 partitioning,
+its gradient reduction, clipping, fp16 loss scaling and CPU / NVMe offload.
+
+Config: `deepspeed_config(cfg, dp_size)` builds DeepSpeed's JSON config from ours; a user's
+parallel.deepspeed_config file is merged in, and a key that contradicts our config is a one-line error
+naming both values ("auto" means "take scaletrain's").
+
+Checkpoints: `DeepSpeedEngine.layout_free_state()` gives the same {"model": {fqn: full tensor}, "optim":
+{"state.<fqn>.<name>", "param_groups.<fqn>.<option>"}} that checkpoint/reshard.py writes for the native
+engine (full fp32 parameters gathered from DeepSpeed's partitions), so any native layout reads it, and
+`load_layout_free_state` scatters such a state back into DeepSpeed's partitions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from scaletrain.configs.schema import TrainConfig
+from scaletrain.errors import ConfigError
+
+# DeepSpeed keys that scaletrain's config decides, and the config field that decides each.
+OWNED_BY = {
+    "train_batch_size": "trainer.global_batch",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch",
+    "gradient_accumulation_steps": "trainer.global_batch / (trainer.micro_batch x dp)",
+    "gradient_clipping": "trainer.grad_clip",
+    "zero_optimization.stage": "parallel.zero",
+    "zero_optimization.offload_optimizer.device": "parallel.offload",
+    "zero_optimization.offload_optimizer.nvme_path": "parallel.offload_dir",
+    "zero_optimization.offload_param.device": "parallel.offload",
+    "zero_optimization.offload_param.nvme_path": "parallel.offload_dir",
+    "fp16.enabled": "precision",
+    "bf16.enabled": "precision",
+    "fp16.loss_scale": "precision=fp16 (a dynamic loss scale)",
+    "fp16.initial_scale_power": "trainer.loss_scale_init",
+    "fp16.loss_scale_window": "trainer.loss_scale_growth_interval",
+    "fp16.hysteresis": "the trainer's loss scale rule (back off on the first overflow)",
+}
+# Whole sections the trainer owns: its optimizer and its LR schedule drive both engines.
+REFUSED_SECTIONS = {"optimizer": "optim.* (the trainer builds the optimizer)",
+                    "scheduler": "optim.schedule (the trainer's LR schedule drives DeepSpeed's param groups)"}
+DEFAULTS = {"zero_allow_untested_optimizer": True,  # our torch optimizers under ZeRO (tested here)
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def _ours(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
+    """The owned keys, dotted, as this config sets them."""
+    t, p = cfg.trainer, cfg.parallel
+    clip = t.grad_clip if t.grad_clip > 0 and math.isfinite(t.grad_clip) else 0.0
+    optimizer_device = p.offload if p.offload != "none" else "none"
+    ours = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": t.micro_batch,
+            "gradient_accumulation_steps": t.global_batch // (t.micro_batch * dp_size),
+            "gradient_clipping": clip, "zero_optimization.stage": p.zero,
+            "zero_optimization.offload_optimizer.device": optimizer_device,
+            "fp16.enabled": cfg.precision == "fp16", "bf16.enabled": cfg.precision == "bf16"}
+    if p.zero == 3:  # parameters are offloaded with the optimizer state, as FSDP2's CPUOffloadPolicy does
+        ours["zero_optimization.offload_param.device"] = optimizer_device
+    if p.offload == "nvme":
+        ours["zero_optimization.offload_optimizer.nvme_path"] = p.offload_dir
+        ours["zero_optimization.offload_param.nvme_path"] = p.offload_dir
+    if cfg.precision == "fp16":
+        power = math.log2(t.loss_scale_init)
+        if power != int(power):
+            raise ConfigError(f"trainer.loss_scale_init={t.loss_scale_init} must be a power of 2 under "
+                              f"parallel.engine=deepspeed (DeepSpeed takes initial_scale_power); use 2**16 = 65536")
+        ours.update({"fp16.loss_scale": 0, "fp16.initial_scale_power": int(power),
+                     "fp16.loss_scale_window": t.loss_scale_growth_interval, "fp16.hysteresis": 1})
+    return ours
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def _nest(leaves: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for dotted, value in leaves.items():
+        *parents, last = dotted.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return tree
+
+
+def read_user_config(path: str) -> dict:
+    try:
+        with open(os.path.expanduser(path)) as handle:
+            user = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"parallel.deepspeed_config={path} cannot be read as JSON ({error}); fix the file") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"parallel.deepspeed_config={path} holds a {type(user).__name__}, not a JSON object")
+    return user
+
+
+def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
+    """DeepSpeed's config for this run: ours, the defaults, then the user's file (no contradictions)."""
+    ours = _ours(cfg, dp_size)
+    merged = {**DEFAULTS, **ours}
+    path = cfg.parallel.deepspeed_config
+    if path:
+        user = read_user_config(path)
+        for section, owner in REFUSED_SECTIONS.items():
+            if section in user:
+                raise ConfigError(f"parallel.deepspeed_config {path}: \"{section}\" is set by {owner}; "
+                                  f"remove \"{section}\" from the file")
+        for key, value in _flatten(user).items():
+            if value == "auto":  # Hugging Face style: scaletrain's value
+                continue
+            mine = ours.get(key, "none" if key.endswith("offload_param.device") else None)
+            if key in OWNED_BY and mine is not None and not _same(value, mine):
+                raise ConfigError(f"parallel.deepspeed_config {path}: {key}={json.dumps(value)} contradicts "
+                                  f"{OWNED_BY[key]} (which gives {json.dumps(mine)}); drop {key} from the file "
+                                  f"or change {OWNED_BY[key]}")
+            merged.setdefault(key, value)
+    return _nest(merged)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+class _Methods(nn.Module):
+    """What DeepSpeed wraps: the model, with the method to run chosen per call, so classify() goes through
+    DeepSpeed's forward as forward() does."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, **inputs):
+        return (self.model if method == "forward" else getattr(self.model, method))(**inputs)
+
+
+def import_deepspeed(device_type: str):
+    """DeepSpeed picks its accelerator when first imported: on a CPU run it must be its CPU accelerator."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as error:
+        from scaletrain.configs.schema import DEEPSPEED_EXTRA
+
+        raise ConfigError(f"parallel.engine=deepspeed cannot import deepspeed ({error}); run {DEEPSPEED_EXTRA}") from None
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine behind the trainer's seams. The trainer keeps the plain model (`module`) for
+    evaluation and sampling, and uses this object as its optimizer: `param_groups` (the LR schedule writes
+    them), `forward`, `backward`, `step` and the layout-free checkpoint state."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, dims):
+        deepspeed = import_deepspeed(next(model.parameters()).device.type)
+        self.module, self.zero = model, cfg.parallel.zero
+        names = {param: name for name, param in model.named_parameters()}  # a tied weight once, first name
+        self.params = {name: param for param, name in names.items()}
+        self.group_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+        self.config = deepspeed_config(cfg, dims.dp_size)
+        self.dp_size = dims.dp_size
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Methods(model), optimizer=optimizer,
+                                                                 config=self.config, dist_init_required=False)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def forward(self, method: str, **inputs):
+        return self.engine(method, **inputs)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """`loss` is normalised by the global target count and must give dp-summed gradients: DeepSpeed
+        averages over dp ranks (hence x dp_size, exact for powers of 2) and would divide by the accumulation
+        steps (scale_wrt_gas=False). Every micro-batch but the last also advances DeepSpeed's micro-step
+        count; the last one's step() is the update (`step`)."""
+        self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()
+
+    def step(self) -> float:
+        """The update (clipping to trainer.grad_clip inside DeepSpeed); returns the gradient norm before
+        clipping."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass  # DeepSpeed clears its gradient partitions itself after the update
+
+    @property
+    def loss_scale(self) -> float:
+        return float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 1.0)) or 1.0)
+
+    def update_applied(self) -> bool:
+        """False when fp16 overflow made DeepSpeed skip the last update."""
+        return bool(self.engine.was_step_applied())
+
+    # ---- layout-free state ---------------------------------------------------------------------------
+    def _base(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer  # the torch optimizer stepping DeepSpeed's flat fp32 partitions
+
+    def _ensure_optimizer_state(self) -> None:
+        """State exists only after a first step. As DCP's get_state_dict does for the native engine, take
+        one step with zero gradients and lr 0 (the parameters do not move) so that it exists, then let
+        DeepSpeed link every parameter to its fragment of it (it links once, after the first group's step,
+        before the other groups have state)."""
+        base = self._base()
+        flats = [p for group in base.param_groups for p in group["params"]]
+        if not all(p in base.state and base.state[p] for p in flats):
+            lrs = [group["lr"] for group in base.param_groups]
+            for group in base.param_groups:
+                group["lr"] = 0.0
+            for p in flats:
+                p.grad = torch.zeros_like(p)
+            base.step()
+            for group, lr in zip(base.param_groups, lrs):
+                group["lr"] = lr
+            for p in flats:
+                p.grad = None
+        if self.zero < 3:
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _state_keys(self) -> tuple[list[str], dict[str, Any]]:
+        """(per-element state names, {scalar state name: value}); every flat partition has the same."""
+        state = next(iter(self._base().state.values()))
+        per_element = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
+        scalars = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items() if k not in per_element}
+        return per_element, scalars
+
+    def _group_options(self, index: int) -> dict[str, Any]:
+        return {k: v for k, v in self.param_groups[index].items() if k != "params"}
+
+    def layout_free_state(self) -> dict[str, dict]:
+        """Every rank calls it (the gathers are collectives); every rank gets full tensors."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._ensure_optimizer_state()
+        per_element, scalars = self._state_keys()
+        full = {name: safe_get_full_fp32_param(param).detach().clone() for name, param in self.params.items()}
+        optim: dict[str, Any] = {}
+        for index, names in enumerate(self.group_names):
+            options = self._group_options(index)
+            for name in names:
+                for key in per_element:
+                    optim[f"state.{name}.{key}"] = safe_get_full_optimizer_state(self.params[name], key).clone()
+                optim.update({f"state.{name}.{key}": value for key, value in scalars.items()})
+                optim.update({f"param_groups.{name}.{key}": value for key, value in options.items()})
+        return {"model": self._model_entries(full), "optim": optim}
+
+    def _model_entries(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's state_dict keys (tied weights under each name, buffers too), parameters full."""
+        name_of = {id(param): name for name, param in self.params.items()}
+        entries = {}
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            entries[key] = full[name_of[id(value)]] if id(value) in name_of else value.detach()
+        return entries
+
+    @torch.no_grad()
+    def load_layout_free_state(self, state: dict[str, dict]) -> None:
+        """The inverse: full tensors (every rank the same) into DeepSpeed's partitions and the module."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        model, optim = state["model"], state["optim"]
+        self._ensure_optimizer_state()
+        per_element, scalars = self._state_keys()
+        for name, param in self.params.items():
+            safe_set_full_fp32_param(param, model[name])
+            for key in per_element:
+                safe_set_full_optimizer_state(param, optim[f"state.{name}.{key}"], key)
+        self._copy_into_module(model)
+        first = self.group_names[0][0]
+        for flat_state in self._base().state.values():
+            for key in scalars:
+                value = optim[f"state.{first}.{key}"]
+                flat_state[key] = value.clone() if torch.is_tensor(value) else value
+        for index, names in enumerate(self.group_names):
+            for key in self._group_options(index):
+                self.param_groups[index][key] = optim[f"param_groups.{names[0]}.{key}"]
+
+    def _copy_into_module(self, model: dict[str, torch.Tensor]) -> None:
+        """The parameters the forward reads: whole on every rank under ZeRO 1/2; under ZeRO-3 gathered,
+        written on rank 0 and repartitioned (every rank read the same values)."""
+        if self.zero < 3:
+            for name, param in self.params.items():
+                param.data.copy_(model[name])
+            return
+        import deepspeed
+
+        params = list(self.params.values())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            for name, param in self.params.items():
+                param.data.copy_(model[name])
