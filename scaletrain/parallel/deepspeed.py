@@ -217,24 +217,35 @@ class DeepSpeedEngine:
     def _base(self) -> torch.optim.Optimizer:
         return self.optimizer.optimizer  # the torch optimizer stepping DeepSpeed's flat fp32 partitions
 
+    def _flats_by_group(self) -> list[list[torch.Tensor]]:
+        """DeepSpeed's flat fp32 partitions of each param group. ZeRO-3 puts a sub-group's partition into
+        its group only for the duration of its step, so they are listed from the ZeRO-3 optimizer."""
+        base = self._base()
+        if self.zero < 3:
+            return [list(group["params"]) for group in base.param_groups]
+        groups: list[list[torch.Tensor]] = [[] for _ in base.param_groups]
+        for sub_group, flat in enumerate(self.optimizer.fp32_partitioned_groups_flat):
+            groups[self.optimizer.sub_group_to_group_id[sub_group]].append(flat)
+        return groups
+
     def _ensure_optimizer_state(self) -> None:
         """State exists only after a first step. As DCP's get_state_dict does for the native engine, take
         one step with zero gradients and lr 0 (the parameters do not move) so that it exists, then let
         DeepSpeed link every parameter to its fragment of it (it links once, after the first group's step,
         before the other groups have state)."""
-        base = self._base()
-        flats = [p for group in base.param_groups for p in group["params"]]
-        if not all(p in base.state and base.state[p] for p in flats):
-            lrs = [group["lr"] for group in base.param_groups]
-            for group in base.param_groups:
-                group["lr"] = 0.0
-            for p in flats:
-                p.grad = torch.zeros_like(p)
+        base, flats_by_group = self._base(), self._flats_by_group()
+        flats = [flat for group in flats_by_group for flat in group]
+        if not all(base.state.get(flat) for flat in flats):
+            resting = [(group["params"], group["lr"]) for group in base.param_groups]
+            for group, members in zip(base.param_groups, flats_by_group):
+                group["params"], group["lr"] = members, 0.0
+            for flat in flats:
+                flat.grad = torch.zeros_like(flat)
             base.step()
-            for group, lr in zip(base.param_groups, lrs):
-                group["lr"] = lr
-            for p in flats:
-                p.grad = None
+            for group, (members, lr) in zip(base.param_groups, resting):
+                group["params"], group["lr"] = members, lr
+            for flat in flats:
+                flat.grad = None
         if self.zero < 3:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()

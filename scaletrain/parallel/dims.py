@@ -141,4 +141,6 @@ class ParallelDims:
 
     def describe(self) -> str:
         parts = [f"{n}={getattr(self, n)}" for n in MESH_ORDER] + [f"zero={self.zero}"]
+        if self.engine != "native":
+            parts.append(f"engine={self.engine}")
         return f"ParallelDims({', '.join(parts)}, world={self.world_size})"
