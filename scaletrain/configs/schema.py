@@ -603,10 +603,6 @@ def _check_deepspeed_run(cfg: TrainConfig, dp: int) -> None:
            f"is not wired for parallel.engine=deepspeed; set it to none or use parallel.engine=native")
     _check(m.kernels != "compile", "model.kernels=compile is not wired for parallel.engine=deepspeed; use "
            "model.kernels=auto or parallel.engine=native")
-    _check(cfg.precision == "fp32", f"precision={cfg.precision} is not wired for parallel.engine=deepspeed yet "
-           f"(fp32 is); use precision=fp32 or parallel.engine=native")
-    _check(cfg.parallel.offload == "none", f"parallel.offload={cfg.parallel.offload} is not wired for "
-           f"parallel.engine=deepspeed yet; use parallel.offload=none")
     if cfg.dry_run.world_size == 0:
         from scaletrain.parallel.deepspeed import deepspeed_config
 

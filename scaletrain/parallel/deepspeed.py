@@ -174,10 +174,18 @@ class DeepSpeedEngine:
         names = {param: name for name, param in model.named_parameters()}  # a tied weight once, first name
         self.params = {name: param for param, name in names.items()}
         self.group_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+        # The checkpoint's param_groups.<fqn>.<option> keys are the torch optimizer's (what the native engine
+        # writes), whichever optimizer DeepSpeed steps with: options it lacks keep the torch values.
+        self.torch_options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         self.config = deepspeed_config(cfg, dims.dp_size)
         self.dp_size = dims.dp_size
+        if cfg.parallel.offload != "none":
+            optimizer = offload_optimizer(optimizer, self.config)
+        if cfg.parallel.offload == "nvme":
+            size_nvme_buffers(self.config, max(p.numel() for p in self.params.values()))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Methods(model), optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
+        self.loss_scale_state = LossScaleState(self)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -207,7 +215,12 @@ class DeepSpeedEngine:
 
     @property
     def loss_scale(self) -> float:
-        return float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 1.0)) or 1.0)
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        return float(scaler.cur_scale) if scaler is not None and self.fp16 else 1.0
+
+    @property
+    def fp16(self) -> bool:
+        return bool(self.config["fp16"]["enabled"])
 
     def update_applied(self) -> bool:
         """False when fp16 overflow made DeepSpeed skip the last update."""
@@ -233,32 +246,43 @@ class DeepSpeedEngine:
         one step with zero gradients and lr 0 (the parameters do not move) so that it exists, then let
         DeepSpeed link every parameter to its fragment of it (it links once, after the first group's step,
         before the other groups have state)."""
-        base, flats_by_group = self._base(), self._flats_by_group()
-        flats = [flat for group in flats_by_group for flat in group]
-        if not all(base.state.get(flat) for flat in flats):
-            resting = [(group["params"], group["lr"]) for group in base.param_groups]
-            for group, members in zip(base.param_groups, flats_by_group):
-                group["params"], group["lr"] = members, 0.0
+        base = self._base()
+        for index, flats in enumerate(self._flats_by_group()):
             for flat in flats:
-                flat.grad = torch.zeros_like(flat)
-            base.step()
-            for group, (members, lr) in zip(base.param_groups, resting):
-                group["params"], group["lr"] = members, lr
-            for flat in flats:
-                flat.grad = None
+                if not base.state.get(flat):
+                    self._zero_step(index, flat)
         if self.zero < 3:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _zero_step(self, group_index: int, flat: torch.Tensor) -> None:
+        """One lr-0 step of one flat partition; under ZeRO-Infinity its partition lives on NVMe between steps,
+        so it is swapped in around the step as DeepSpeed's own step does."""
+        sub_group = next((i for i, f in enumerate(getattr(self.optimizer, "fp32_partitioned_groups_flat", []))
+                          if f is flat), None)
+        swapped = sub_group is not None and self.optimizer._swappable_optimizer_subgroup(sub_group)
+        if swapped:
+            self.optimizer._optimizer_states_and_gradient_swap_in(sub_group)
+        group = self._base().param_groups[group_index]
+        resting = group["params"], group["lr"], flat.grad  # offload keeps a gradient buffer on the partition
+        group["params"], group["lr"] = [flat], 0.0
+        flat.grad = torch.zeros_like(flat)
+        self._base().step()
+        group["params"], group["lr"], flat.grad = resting
+        if swapped:
+            self.optimizer._optimizer_states_and_gradient_swap_out(sub_group)
 
     def _state_keys(self) -> tuple[list[str], dict[str, Any]]:
         """(per-element state names, {scalar state name: value}); every flat partition has the same."""
         state = next(iter(self._base().state.values()))
         per_element = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
-        scalars = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items() if k not in per_element}
+        scalars = {k: (v.clone() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in state.items()
+                   if k not in per_element}  # DeepSpeed's CPU Adam counts "step" in an int; torch in a tensor
         return per_element, scalars
 
     def _group_options(self, index: int) -> dict[str, Any]:
-        return {k: v for k, v in self.param_groups[index].items() if k != "params"}
+        live = self.param_groups[index]
+        return {k: live.get(k, v) for k, v in self.torch_options[index].items()}
 
     def layout_free_state(self) -> dict[str, dict]:
         """Every rank calls it (the gathers are collectives); every rank gets full tensors."""
@@ -301,11 +325,12 @@ class DeepSpeedEngine:
         first = self.group_names[0][0]
         for flat_state in self._base().state.values():
             for key in scalars:
-                value = optim[f"state.{first}.{key}"]
-                flat_state[key] = value.clone() if torch.is_tensor(value) else value
+                value, live = optim[f"state.{first}.{key}"], flat_state[key]
+                flat_state[key] = value.clone().to(live.dtype) if torch.is_tensor(live) else type(live)(value.item())
         for index, names in enumerate(self.group_names):
             for key in self._group_options(index):
-                self.param_groups[index][key] = optim[f"param_groups.{names[0]}.{key}"]
+                if key in self.param_groups[index]:
+                    self.param_groups[index][key] = optim[f"param_groups.{names[0]}.{key}"]
 
     def _copy_into_module(self, model: dict[str, torch.Tensor]) -> None:
         """The parameters the forward reads: whole on every rank under ZeRO 1/2; under ZeRO-3 gathered,
@@ -320,3 +345,61 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             for name, param in self.params.items():
                 param.data.copy_(model[name])
+
+
+def size_nvme_buffers(config: dict, largest: int) -> None:
+    """DeepSpeed's parameter swap buffers default to 5 x 1e8 elements (2 GB of host memory): sized here to
+    the largest parameter instead, unless the user's file sets them (what NVMe offload is for is host memory)."""
+    swap = config["zero_optimization"]["offload_param"]
+    swap.setdefault("buffer_size", largest)
+    swap.setdefault("buffer_count", 5)
+    swap.setdefault("max_in_cpu", 0)
+
+
+def offload_optimizer(optimizer: torch.optim.Optimizer, config: dict) -> torch.optim.Optimizer:
+    """ZeRO-Offload steps on the host: AdamW becomes DeepSpeed's CPU Adam (the same update, AVX kernels; built
+    once, about a minute, then cached) over the same groups; SGD stays torch's, which DeepSpeed must be
+    told to accept."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        config["zero_force_ds_cpu_optimizer"] = False
+        return optimizer
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    defaults = optimizer.defaults
+    groups = [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                            weight_decay=defaults["weight_decay"], adamw_mode=True)
+
+
+class LossScaleState:
+    """DeepSpeed's fp16 dynamic loss scale in checkpoints, under the native scaler's keys (scale,
+    clean_steps, enabled; train/precision.py), so either engine resumes the other's scale; DeepSpeed's own
+    counters ride along for an exact DeepSpeed resume. DeepSpeed's growth rule is its own: the first
+    growth after a start or an overflow comes one clean step later than the native scaler's."""
+
+    def __init__(self, engine: DeepSpeedEngine):
+        self.engine = engine
+
+    def _scaler(self):
+        return self.engine.optimizer.loss_scaler if self.engine.fp16 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self._scaler()
+        if scaler is None:
+            return {"scale": 1.0, "clean_steps": 0, "enabled": False}
+        clean = scaler.cur_iter - scaler.last_overflow_iter - 1
+        return {"scale": float(scaler.cur_scale), "clean_steps": clean % scaler.scale_window, "enabled": True,
+                "deepspeed": {"cur_iter": scaler.cur_iter, "last_overflow_iter": scaler.last_overflow_iter,
+                              "cur_hysteresis": scaler.cur_hysteresis}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        scaler = self._scaler()
+        if scaler is None or not state.get("enabled", False):
+            return  # switching precision on resume starts a fresh scale, as natively
+        scaler.cur_scale = float(state["scale"])
+        exact = state.get("deepspeed")
+        if exact:
+            scaler.cur_iter, scaler.last_overflow_iter = exact["cur_iter"], exact["last_overflow_iter"]
+            scaler.cur_hysteresis = exact["cur_hysteresis"]
+        else:
+            scaler.last_overflow_iter = scaler.cur_iter - int(state["clean_steps"]) - 1

@@ -186,7 +186,8 @@ class Trainer:
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/RNG that a checkpoint must restore."""
-        return {"progress": self.state, "schedule": self.schedule, "scaler": self.scaler, "loader": self.loader}
+        scaler = self.engine.loss_scale_state if self.engine is not None else self.scaler
+        return {"progress": self.state, "schedule": self.schedule, "scaler": scaler, "loader": self.loader}
 
     def _resume(self) -> Optional[Path]:
         path = self.checkpoints.resolve_resume(self.cfg.resume)

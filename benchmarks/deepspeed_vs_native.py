@@ -1,0 +1,107 @@
+"""parallel.engine=deepspeed against the native engine (FSDP2) on 2 gloo CPU ranks, side by side: per-rank
+peak host memory and median step time at ZeRO 2 and 3 with CPU offload of the optimizer state (DeepSpeed:
+ZeRO-Offload with its CPU Adam; native: FSDP2's CPUOffloadPolicy with torch's fused AdamW), and DeepSpeed's
+ZeRO-Infinity (offload=nvme, parameters and optimizer state in parallel.offload_dir) against the size of the
+model's optimizer state.
+
+Peak host memory is the process's peak resident set (ru_maxrss) minus its resident set just before the
+trainer is built (torch and, for DeepSpeed, deepspeed already imported), so it is what the run itself
+added: model states, activations, buffers. Every case runs in fresh processes.
+
+    python benchmarks/deepspeed_vs_native.py [--d-model 256] [--layers 8] [--vocab 16384] [--steps 6]
+        [--offload-dir /tmp/scaletrain-nvme]"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+
+from scaletrain.parallel.multiprocess import run_on_ranks  # noqa: E402
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def _measure(rank, world_size, run_dir, overrides, engine):
+    from train_utils import make_trainer
+
+    if engine == "deepspeed":
+        from scaletrain.parallel.deepspeed import import_deepspeed
+
+        import_deepspeed("cpu")
+    before = _rss_bytes()
+    trainer = make_trainer(run_dir, overrides)
+    times = []
+    original = trainer.train_step
+
+    def timed(micro_batches):
+        started = time.perf_counter()
+        metrics = original(micro_batches)
+        times.append(time.perf_counter() - started)
+        return metrics
+
+    trainer.train_step = timed
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params = sum(getattr(p, "ds_numel", None) or p.numel() for p in trainer.model.parameters())
+    return {"peak_added": peak - before, "step_s": statistics.median(times[1:]), "params": params,
+            "loss": trainer.losses[-1]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--offload-dir", default=None, help="the NVMe folder (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    from train_utils import tiny_overrides
+
+    base = tiny_overrides("gpt", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
+                          f"model.vocab_size={args.vocab}", "model.max_seq_len=128", "trainer.seq_len=128",
+                          f"trainer.max_steps={args.steps}", "trainer.global_batch=4", "trainer.micro_batch=2",
+                          "parallel.dp_shard=2", "checkpoint.save_final=false", "trainer.log_every=1000")
+    offload_dir = args.offload_dir or tempfile.mkdtemp(prefix="scaletrain-nvme-")
+    cases = [(f"zero{z} offload=cpu", engine, [f"parallel.zero={z}", "parallel.offload=cpu"])
+             for z in (2, 3) for engine in ("native", "deepspeed")]
+    cases.append(("zero3 offload=nvme", "deepspeed", ["parallel.zero=3", "parallel.offload=nvme",
+                                                      f"parallel.offload_dir={offload_dir}"]))
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, engine, extra) in enumerate(cases):
+            overrides = base + extra + [f"parallel.engine={engine}"]
+            per_rank = run_on_ranks(_measure, 2, Path(scratch) / str(index), overrides, engine)
+            rows.append((name, engine, per_rank))
+    params = rows[0][2][0]["params"]
+    adam_state = params * 8  # exp_avg + exp_avg_sq in fp32
+    print(f"GPT d_model={args.d_model} layers={args.layers} vocab={args.vocab}: {params / 1e6:.2f}M parameters; "
+          f"AdamW state {adam_state / 2**20:.0f} MiB (fp32 m + v), {adam_state / 2 / 2**20:.0f} MiB per rank at dp 2")
+    print(f"{'case':<20}{'engine':<11}{'peak host MiB added, rank 0 / 1':>34}{'step s, rank 0':>16}{'final loss':>12}")
+    for name, engine, per_rank in rows:
+        memory = " / ".join(f"{r['peak_added'] / 2**20:.0f}" for r in per_rank)
+        print(f"{name:<20}{engine:<11}{memory:>34}{per_rank[0]['step_s']:>16.3f}{per_rank[0]['loss']:>12.4f}")
+    for zero in (2, 3):
+        native, ours = (next(r for n, e, r in rows if n == f"zero{zero} offload=cpu" and e == engine)
+                        for engine in ("native", "deepspeed"))
+        print(f"zero{zero} offload=cpu, deepspeed / native: peak host memory x"
+              f"{ours[0]['peak_added'] / native[0]['peak_added']:.2f}, step time x{ours[0]['step_s'] / native[0]['step_s']:.2f}")
+    nvme = rows[-1][2]
+    below = max(r["peak_added"] for r in nvme) < adam_state
+    print(f"zero3 offload=nvme: peak host memory added {max(r['peak_added'] for r in nvme) / 2**20:.0f} MiB per rank "
+          f"{'<' if below else '>='} the optimizer state {adam_state / 2**20:.0f} MiB "
+          f"({'below' if below else 'NOT below'}); swap files in {offload_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
