@@ -4,9 +4,11 @@ ZeRO-Offload with its CPU Adam; native: FSDP2's CPUOffloadPolicy with torch's fu
 ZeRO-Infinity (offload=nvme, parameters and optimizer state in parallel.offload_dir) against the size of the
 model's optimizer state.
 
-Peak host memory is the process's peak resident set (ru_maxrss) minus its resident set just before the
-trainer is built (torch and, for DeepSpeed, deepspeed already imported), so it is what the run itself
-added: model states, activations, buffers. Every case runs in fresh processes.
+Peak host memory is the process's peak resident set while it trains (VmHWM, reset once the trainer is
+built, so a one-off peak while DeepSpeed partitions a materialized model is reported apart as "setup")
+minus its resident set just before the trainer is built (torch and, for DeepSpeed, deepspeed imported, the prepared data opened, torch's CPU
+kernels loaded), so it is what the run itself added: model states, activations, buffers. Every case runs
+in fresh processes.
 
     python benchmarks/deepspeed_vs_native.py [--d-model 256] [--layers 8] [--vocab 16384] [--steps 6]
         [--offload-dir /tmp/scaletrain-nvme]"""
@@ -14,7 +16,7 @@ added: model states, activations, buffers. Every case runs in fresh processes.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +30,27 @@ from scaletrain.parallel.multiprocess import run_on_ranks  # noqa: E402
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    """The peak resident set (VmHWM), which /proc/self/clear_refs can reset, unlike ru_maxrss."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _warm_up(overrides) -> None:
+    """What every run holds before its model exists, so it stays out of the figure: the prepared data
+    (memory-mapped), and torch's CPU kernels loaded by a first forward + backward."""
+    import torch
+
+    from scaletrain.configs.store import compose_config
+    from scaletrain.data.prepare import build_datasets
+
+    build_datasets(compose_config(overrides), progress=False)
+    layer = torch.nn.Linear(64, 64)
+    torch.nn.functional.cross_entropy(layer(torch.randn(8, 64)), torch.zeros(8, dtype=torch.long)).backward()
 
 
 def _measure(rank, world_size, run_dir, overrides, engine):
@@ -38,8 +60,12 @@ def _measure(rank, world_size, run_dir, overrides, engine):
         from scaletrain.parallel.deepspeed import import_deepspeed
 
         import_deepspeed("cpu")
+    _warm_up(overrides)
     before = _rss_bytes()
     trainer = make_trainer(run_dir, overrides)
+    setup_peak = _peak_bytes()
+    with open("/proc/self/clear_refs", "w") as handle:  # "5": reset the peak resident set to the current one
+        handle.write("5")
     times = []
     original = trainer.train_step
 
@@ -51,9 +77,9 @@ def _measure(rank, world_size, run_dir, overrides, engine):
 
     trainer.train_step = timed
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_bytes()
     params = sum(getattr(p, "ds_numel", None) or p.numel() for p in trainer.model.parameters())
-    return {"peak_added": peak - before, "step_s": statistics.median(times[1:]), "params": params,
+    return {"peak_added": peak - before, "peak": peak, "setup_added": setup_peak - before, "step_s": statistics.median(times[1:]), "params": params,
             "loss": trainer.losses[-1]}
 
 
@@ -86,10 +112,11 @@ def main(argv=None) -> int:
     adam_state = params * 8  # exp_avg + exp_avg_sq in fp32
     print(f"GPT d_model={args.d_model} layers={args.layers} vocab={args.vocab}: {params / 1e6:.2f}M parameters; "
           f"AdamW state {adam_state / 2**20:.0f} MiB (fp32 m + v), {adam_state / 2 / 2**20:.0f} MiB per rank at dp 2")
-    print(f"{'case':<20}{'engine':<11}{'peak host MiB added, rank 0 / 1':>34}{'step s, rank 0':>16}{'final loss':>12}")
+    print(f"{'case':<20}{'engine':<11}{'peak host MiB added, rank 0 / 1 (rank 0 setup peak)':>50}{'step s, rank 0':>16}{'final loss':>12}")
     for name, engine, per_rank in rows:
         memory = " / ".join(f"{r['peak_added'] / 2**20:.0f}" for r in per_rank)
-        print(f"{name:<20}{engine:<11}{memory:>34}{per_rank[0]['step_s']:>16.3f}{per_rank[0]['loss']:>12.4f}")
+        memory += f" (setup {per_rank[0]['setup_added'] / 2**20:.0f})"
+        print(f"{name:<20}{engine:<11}{memory:>50}{per_rank[0]['step_s']:>16.3f}{per_rank[0]['loss']:>12.4f}")
     for zero in (2, 3):
         native, ours = (next(r for n, e, r in rows if n == f"zero{zero} offload=cpu" and e == engine)
                         for engine in ("native", "deepspeed"))

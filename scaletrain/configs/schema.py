@@ -319,7 +319,9 @@ class ParallelConfig:
         _choice("parallel.offload", self.offload, ("none", "cpu", "nvme"))
         _choice("parallel.engine", self.engine, ("native", "deepspeed"))
         if self.engine == "deepspeed":
-            check_deepspeed_layout(self)
+            from scaletrain.parallel.deepspeed import check_layout  # the engine's own rules
+
+            check_layout(self)
         else:
             _check(self.offload != "nvme", "parallel.offload=nvme (ZeRO-Infinity) runs under DeepSpeed only; set "
                    "parallel.engine=deepspeed or parallel.offload=cpu")
@@ -341,31 +343,6 @@ class ParallelConfig:
 
 
 DEEPSPEED_EXTRA = "pip install -e '.[deepspeed]'"
-
-
-def check_deepspeed_layout(p: ParallelConfig) -> None:
-    """parallel.engine=deepspeed: DeepSpeed owns data parallelism (ZeRO 1-3, its offload); the other degrees
-    and the native-only options are refused, each in one line."""
-    import importlib.util
-
-    _check(importlib.util.find_spec("deepspeed") is not None,
-           f"parallel.engine=deepspeed needs DeepSpeed, which is not installed; run {DEEPSPEED_EXTRA}")
-    _check(p.zero in (1, 2, 3), f"parallel.engine=deepspeed runs ZeRO stage 1, 2 or 3 but parallel.zero={p.zero}; "
-           f"set parallel.zero=1|2|3 (or parallel.engine=native for plain data parallelism)")
-    for name in ("tp", "pp", "cp", "dp_replicate"):
-        _check(getattr(p, name) == 1, f"parallel.engine=deepspeed runs data parallelism only but parallel.{name}="
-               f"{getattr(p, name)}; set parallel.{name}=1 or use parallel.engine=native")
-    _check(not p.sequence_parallel, "parallel.sequence_parallel needs tensor parallelism, which parallel.engine="
-           "deepspeed does not run; set it false")
-    _check(p.reduce_dtype == "fp32", f"parallel.reduce_dtype={p.reduce_dtype} is a native-engine option; under "
-           f"parallel.engine=deepspeed set communication_data_type in parallel.deepspeed_config instead")
-    if p.offload == "nvme":
-        _check(bool(p.offload_dir), "parallel.offload=nvme needs parallel.offload_dir=<a folder on the NVMe drive>")
-        _check(p.zero == 3, f"parallel.offload=nvme offloads parameters, which needs ZeRO-3, but parallel.zero="
-               f"{p.zero}; set parallel.zero=3")
-    if p.deepspeed_config:
-        _check(os.path.isfile(os.path.expanduser(p.deepspeed_config)), f"parallel.deepspeed_config="
-               f"{p.deepspeed_config} is not a file; give the path of a DeepSpeed JSON config")
 
 
 def check_pp_split(parallel: ParallelConfig, n_layers: Optional[int]) -> None:
@@ -582,7 +559,9 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     _check_task(cfg)
     _check_eval_tasks(cfg)
     if p.engine == "deepspeed":
-        _check_deepspeed_run(cfg, dp)
+        from scaletrain.parallel.deepspeed import check_run
+
+        check_run(cfg, dp)
     if m.family == "xlnet":
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")
@@ -592,21 +571,6 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
     if m.position == "learned":
         _check(t.seq_len <= m.max_seq_len,
                f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len")
-
-
-def _check_deepspeed_run(cfg: TrainConfig, dp: int) -> None:
-    """What parallel.engine=deepspeed runs so far; the rest is refused in one line, never run natively."""
-    t, m = cfg.trainer, cfg.model
-    _check(m.family in ("gpt", "bert", "encdec"), f"parallel.engine=deepspeed trains families gpt, bert and encdec; "
-           f"for family {m.family} use parallel.engine=native")
-    _check(t.activation_checkpointing == "none", f"trainer.activation_checkpointing={t.activation_checkpointing} "
-           f"is not wired for parallel.engine=deepspeed; set it to none or use parallel.engine=native")
-    _check(m.kernels != "compile", "model.kernels=compile is not wired for parallel.engine=deepspeed; use "
-           "model.kernels=auto or parallel.engine=native")
-    if cfg.dry_run.world_size == 0:
-        from scaletrain.parallel.deepspeed import deepspeed_config
-
-        deepspeed_config(cfg, dp)  # a contradicting parallel.deepspeed_config fails here, before any launch
 
 
 def _check_eval_tasks(cfg: TrainConfig) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from scaletrain.configs.schema import TrainConfig
+from scaletrain.configs.schema import DEEPSPEED_EXTRA, ParallelConfig, TrainConfig
 from scaletrain.errors import ConfigError
 
 # DeepSpeed keys that scaletrain's config decides, and the config field that decides each.
@@ -75,6 +75,49 @@ def _ours(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
         ours.update({"fp16.loss_scale": 0, "fp16.initial_scale_power": int(power),
                      "fp16.loss_scale_window": t.loss_scale_growth_interval, "fp16.hysteresis": 1})
     return ours
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_layout(p: ParallelConfig) -> None:
+    """ParallelConfig.__post_init__ under parallel.engine=deepspeed: DeepSpeed owns data parallelism (ZeRO 1-3, its offload); the other degrees
+    and the native-only options are refused, each in one line."""
+    import importlib.util
+
+    _check(importlib.util.find_spec("deepspeed") is not None,
+           f"parallel.engine=deepspeed needs DeepSpeed, which is not installed; run {DEEPSPEED_EXTRA}")
+    _check(p.zero in (1, 2, 3), f"parallel.engine=deepspeed runs ZeRO stage 1, 2 or 3 but parallel.zero={p.zero}; "
+           f"set parallel.zero=1|2|3 (or parallel.engine=native for plain data parallelism)")
+    for name in ("tp", "pp", "cp", "dp_replicate"):
+        _check(getattr(p, name) == 1, f"parallel.engine=deepspeed runs data parallelism only but parallel.{name}="
+               f"{getattr(p, name)}; set parallel.{name}=1 or use parallel.engine=native")
+    _check(not p.sequence_parallel, "parallel.sequence_parallel needs tensor parallelism, which parallel.engine="
+           "deepspeed does not run; set it false")
+    _check(p.reduce_dtype == "fp32", f"parallel.reduce_dtype={p.reduce_dtype} is a native-engine option; under "
+           f"parallel.engine=deepspeed set communication_data_type in parallel.deepspeed_config instead")
+    if p.offload == "nvme":
+        _check(bool(p.offload_dir), "parallel.offload=nvme needs parallel.offload_dir=<a folder on the NVMe drive>")
+        _check(p.zero == 3, f"parallel.offload=nvme offloads parameters, which needs ZeRO-3, but parallel.zero="
+               f"{p.zero}; set parallel.zero=3")
+    if p.deepspeed_config:
+        _check(os.path.isfile(os.path.expanduser(p.deepspeed_config)), f"parallel.deepspeed_config="
+               f"{p.deepspeed_config} is not a file; give the path of a DeepSpeed JSON config")
+
+
+def check_run(cfg: TrainConfig, dp: int) -> None:
+    """validate_cross_fields under parallel.engine=deepspeed: what it runs so far; the rest is refused in one line, never run natively."""
+    t, m = cfg.trainer, cfg.model
+    _check(m.family in ("gpt", "bert", "encdec"), f"parallel.engine=deepspeed trains families gpt, bert and encdec; "
+           f"for family {m.family} use parallel.engine=native")
+    _check(t.activation_checkpointing == "none", f"trainer.activation_checkpointing={t.activation_checkpointing} "
+           f"is not wired for parallel.engine=deepspeed; set it to none or use parallel.engine=native")
+    _check(m.kernels != "compile", "model.kernels=compile is not wired for parallel.engine=deepspeed; use "
+           "model.kernels=auto or parallel.engine=native")
+    if cfg.dry_run.world_size == 0:
+        deepspeed_config(cfg, dp)  # a contradicting parallel.deepspeed_config fails here, before any launch
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -157,8 +200,6 @@ def import_deepspeed(device_type: str):
     try:
         import deepspeed
     except ImportError as error:
-        from scaletrain.configs.schema import DEEPSPEED_EXTRA
-
         raise ConfigError(f"parallel.engine=deepspeed cannot import deepspeed ({error}); run {DEEPSPEED_EXTRA}") from None
     return deepspeed
 
@@ -182,7 +223,7 @@ class DeepSpeedEngine:
         if cfg.parallel.offload != "none":
             optimizer = offload_optimizer(optimizer, self.config)
         if cfg.parallel.offload == "nvme":
-            size_nvme_buffers(self.config, max(p.numel() for p in self.params.values()))
+            size_nvme_buffers(self.config, max(p.numel() for p in self.params.values()), dims.dp_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Methods(model), optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.loss_scale_state = LossScaleState(self)
@@ -347,13 +388,21 @@ class DeepSpeedEngine:
                 param.data.copy_(model[name])
 
 
-def size_nvme_buffers(config: dict, largest: int) -> None:
+def size_nvme_buffers(config: dict, largest: int, dp_size: int) -> None:
     """DeepSpeed's parameter swap buffers default to 5 x 1e8 elements (2 GB of host memory): sized here to
-    the largest parameter instead, unless the user's file sets them (what NVMe offload is for is host memory)."""
-    swap = config["zero_optimization"]["offload_param"]
-    swap.setdefault("buffer_size", largest)
+    the largest parameter's partition (plus DeepSpeed's alignment padding) instead, and with prefetching and
+    reuse off so that the 5 buffers hold only the parameters of the module that runs, unless the user's file sets
+    them (what NVMe offload is for is host memory)."""
+    zero = config["zero_optimization"]
+    swap = zero["offload_param"]
+    swap.setdefault("buffer_size", -(-largest // dp_size) + 4096)
     swap.setdefault("buffer_count", 5)
     swap.setdefault("max_in_cpu", 0)
+    zero.setdefault("stage3_prefetch_bucket_size", 0)
+    zero.setdefault("stage3_max_reuse_distance", 0)
+    # the optimizer swaps one sub-group of the flat fp32 partition at a time, through buffers of its size
+    zero.setdefault("sub_group_size", swap["buffer_size"])
+    zero.setdefault("reduce_bucket_size", swap["buffer_size"])  # the gradient bucket: 5e8 elements by default  # else gathered parameters stay (in the buffers) for reuse
 
 
 def offload_optimizer(optimizer: torch.optim.Optimizer, config: dict) -> torch.optim.Optimizer:
