@@ -116,8 +116,9 @@ def check_run(cfg: TrainConfig, dp: int) -> None:
            f"is not wired for parallel.engine=deepspeed; set it to none or use parallel.engine=native")
     _check(m.kernels != "compile", "model.kernels=compile is not wired for parallel.engine=deepspeed; use "
            "model.kernels=auto or parallel.engine=native")
-    if cfg.dry_run.world_size == 0:
-        deepspeed_config(cfg, dp)  # a contradicting parallel.deepspeed_config fails here, before any launch
+    _check(cfg.dry_run.world_size == 0, "dry_run.world_size measures the native engine's shards; DeepSpeed's "
+           "partitions are not modelled: dry-run with parallel.engine=native at the same parallel.zero")
+    deepspeed_config(cfg, dp)  # a contradicting parallel.deepspeed_config fails here, before any launch
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

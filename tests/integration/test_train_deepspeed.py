@@ -1,4 +1,4 @@
-"""parallel.engine=deepspeed through the trainer on 2 gloo ranks: for each family, DeepSpeed ZeRO 1/2/3 give
+"""parallel.engine=deepspeed through the trainer on 2 (and 4) gloo ranks: for each family, DeepSpeed ZeRO 1/2/3 give
 the losses and final weights of the native engine at the same ZeRO stage (fp32, the same init and data,
 gradient accumulation 2 and clipping from our config), within the native layout tests' tolerance."""
 
@@ -46,3 +46,26 @@ def test_deepspeed_zero_stages_match_the_native_engine(tmp_path, family):
             assert set(weights) == set(native_weights)
             for name, value in native_weights.items():
                 torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"zero {zero}: {name}")
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "encdec"])
+def test_four_ranks_match_the_native_engine(tmp_path, family):
+    """4 ranks: other shards, and no accumulation (global_batch 4 = micro_batch 1 x 4)."""
+    for results in run_on_ranks(_four_ranks, 4, tmp_path, family):
+        for zero in (1, 2, 3):
+            (native_losses, native_weights), (losses, weights) = results["native", zero], results["deepspeed", zero]
+            assert losses == pytest.approx(native_losses, rel=1e-5, abs=1e-6), zero
+            for name, value in native_weights.items():
+                torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"zero {zero}: {name}")
+
+
+def _four_ranks(rank, world_size, tmp_path, family):
+    results = {}
+    for zero in (1, 2, 3):
+        for engine in ("native", "deepspeed"):
+            overrides = [o for o in EXTRA if o != "parallel.dp_shard=2"] + ["parallel.dp_shard=4"]
+            trainer = make_trainer(tmp_path / f"{engine}-{zero}", tiny_overrides(
+                family, *overrides, f"parallel.zero={zero}", f"parallel.engine={engine}"))
+            trainer.train()
+            results[engine, zero] = trainer.losses, trained_weights(trainer)
+    return results

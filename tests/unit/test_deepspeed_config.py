@@ -86,6 +86,7 @@ def test_unreadable_user_file(tmp_path):
     (["parallel.offload=nvme", "parallel.offload_dir=/tmp"], "needs ZeRO-3"),
     (["model=xlnet_tiny"], "family xlnet"),
     (["trainer.activation_checkpointing=full"], "activation_checkpointing=full"),
+    (["dry_run.world_size=8", "parallel.dp_shard=8"], "dry-run with parallel.engine=native"),
 ])
 def test_what_the_engine_does_not_run_is_refused(overrides, named):
     assert named in _error(BASE + overrides)
