@@ -26,6 +26,7 @@ setup(
             "triton>=3.1; platform_system=='Linux'",
             "submitit>=1.5",
             "hydra-submitit-launcher>=1.2",
+            "deepspeed>=0.19",  # parallel.engine=deepspeed is tested against the native engine
         ],
         "slurm": ["submitit>=1.5", "hydra-submitit-launcher>=1.2"],
         "zstd": ["zstandard>=0.22"],  # reading .zst corpus files in scaletrain data prepare

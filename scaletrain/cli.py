@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "plan": ("scaletrain.plan.cli:cli", "pick the parallel layout for a cluster: memory, step time, MFU, days"),
     "scaling": ("scaletrain.scaling.cli:cli", "scaling fit <sweep dir> | scaling optimal --compute C: fit laws, plot, allocate"),
     "export": ("scaletrain.checkpoint.export:cli", "export <run dir | step dir> --out DIR: write a Hugging Face folder"),
+    "import-deepspeed": ("scaletrain.checkpoint.deepspeed_import:cli", "import-deepspeed <ds checkpoint dir> --out DIR [model=...]: a DeepSpeed ZeRO checkpoint as a run folder"),
     "generate": ("scaletrain.inference.cli:generate_cli", "generate <run | step | HF dir> --prompt TEXT: continue or answer prompts"),
     "fill-mask": ("scaletrain.inference.cli:fill_mask_cli", 'fill-mask <run | step | HF dir> "text with [MASK]": top fillers'),
     "eval": ("scaletrain.evaluation.cli:cli", "eval <run | step | HF dir> --data CORPUS|PREPARED: perplexity"),

@@ -42,7 +42,10 @@ def _distributed() -> bool:
 
 
 def model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    """{"model": {fqn: tensor}, "optim": {"state.<fqn>.<name>" | "param_groups.<fqn>.<option>": value}}."""
+    """{"model": {fqn: tensor}, "optim": {"state.<fqn>.<name>" | "param_groups.<fqn>.<option>": value}}.
+    An optimizer that is a whole engine (parallel/deepspeed.py) gives this state itself."""
+    if hasattr(optimizer, "layout_free_state"):
+        return optimizer.layout_free_state()
     model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     return {"model": model_state, "optim": optim_state}
 
@@ -73,6 +76,9 @@ def load_model_and_optimizer(path: str | Path, model: torch.nn.Module, optimizer
         dcp.load(state, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
     put_back()
     optim_state.update(live_options)
+    if hasattr(optimizer, "load_layout_free_state"):
+        optimizer.load_layout_free_state(state)
+        return
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state,
                    options=STATE_DICT_OPTIONS)
 

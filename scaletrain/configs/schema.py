@@ -302,7 +302,10 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     zero: int = 0  # 0 replicated | 1 optimizer state | 2 + grads (FSDP2, no reshard) | 3 fully_shard
-    offload: str = "none"  # none | cpu
+    offload: str = "none"  # none | cpu | nvme (nvme: ZeRO-Infinity, parallel.engine=deepspeed only)
+    offload_dir: str = ""  # the NVMe folder of offload=nvme
+    engine: str = "native"  # native (FSDP2 / DTensor) | deepspeed (parallel/deepspeed.py)
+    deepspeed_config: str = ""  # a user's ds_config.json merged into the one built from this config
     sequence_parallel: bool = False
     reduce_dtype: str = "fp32"  # fp32 | param (reduce gradients in the parameter dtype)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv | dualpipev
@@ -316,7 +319,19 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "parallel")
         _check(self.dp_shard != 0, "parallel.dp_shard must be >= 1 or -1 (auto)")
-        _choice("parallel.offload", self.offload, ("none", "cpu"))
+        _choice("parallel.offload", self.offload, ("none", "cpu", "nvme"))
+        _choice("parallel.engine", self.engine, ("native", "deepspeed"))
+        if self.engine == "deepspeed":
+            from scaletrain.parallel.deepspeed import check_layout  # the engine's own rules
+
+            check_layout(self)
+        else:
+            _check(self.offload != "nvme", "parallel.offload=nvme (ZeRO-Infinity) runs under DeepSpeed only; set "
+                   "parallel.engine=deepspeed or parallel.offload=cpu")
+            _check(not self.deepspeed_config, f"parallel.deepspeed_config={self.deepspeed_config} is read only by "
+                   f"the DeepSpeed engine; set parallel.engine=deepspeed or drop parallel.deepspeed_config")
+        _check(self.offload == "nvme" or not self.offload_dir, f"parallel.offload_dir={self.offload_dir} is the "
+               f"folder of parallel.offload=nvme but offload is {self.offload}; set offload=nvme or drop offload_dir")
         _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "param"))
         _choice("parallel.pp_schedule", self.pp_schedule,
                 ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"))
@@ -328,6 +343,9 @@ class ParallelConfig:
                f"set parallel.pp_virtual=2 (it is {self.pp_virtual})")
         if self.pp_split is not None:  # the upper end needs the model: validate_cross_fields
             check_pp_split(self, None)
+
+
+DEEPSPEED_EXTRA = "pip install -e '.[deepspeed]'"
 
 
 def check_pp_split(parallel: ParallelConfig, n_layers: Optional[int]) -> None:
@@ -543,6 +561,10 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
            "objectives; finetuning (data.task=classification|regression, model.num_labels > 0) needs parallel.pp=1")
     _check_task(cfg)
     _check_eval_tasks(cfg)
+    if p.engine == "deepspeed":
+        from scaletrain.parallel.deepspeed import check_run
+
+        check_run(cfg, dp)
     if m.family == "xlnet":
         _check(not (m.bi_data and t.micro_batch % 2), f"model.bi_data reads half of each micro-batch backwards; "
                f"trainer.micro_batch={t.micro_batch} must be even")

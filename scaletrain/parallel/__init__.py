@@ -46,7 +46,10 @@ def _parallelize_part(model: nn.Module, dims: ParallelDims, cfg: TrainConfig) ->
     if cfg.model.kernels == "compile":
         for block in transformer_blocks(model):
             block.compile()
-    # 5. Data parallel / ZeRO last: FSDP's hooks go around the checkpointed, compiled blocks.
+    # 5. Data parallel / ZeRO last: FSDP's hooks go around the checkpointed, compiled blocks. Under
+    # parallel.engine=deepspeed the trainer hands the plain model to DeepSpeed instead (parallel/deepspeed.py).
+    if dims.engine == "deepspeed":
+        return model
     apply_data_parallel(model, dims, precision=cfg.precision, reduce_dtype=p.reduce_dtype, offload=p.offload)
     return model
 

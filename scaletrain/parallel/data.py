@@ -168,6 +168,6 @@ class ZeroOneOptimizerState:
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
                           dims: ParallelDims) -> torch.optim.Optimizer:
     """ZeRO-1: call right after building the optimizer. A no-op unless zero=1 and dp > 1."""
-    if dims.zero == 1 and dims.dp_enabled:
+    if dims.zero == 1 and dims.dp_enabled and dims.engine == "native":
         optimizer._zero_one = ZeroOneOptimizerState(optimizer, model, dims)  # keeps the hooks' owner alive
     return optimizer

@@ -25,6 +25,7 @@ class ParallelDims:
     cp: int
     world_size: int
     zero: int = 0
+    engine: str = "native"  # parallel.engine: native (FSDP2 / DTensor) | deepspeed (DeepSpeed owns dp / ZeRO)
     mesh: Optional[object] = field(default=None, repr=False)  # DeviceMesh once build_mesh ran
 
     def __post_init__(self) -> None:
@@ -51,7 +52,7 @@ class ParallelDims:
                     f"change the degrees or the number of processes")
             dp_shard = world_size // others
         return cls(parallel.dp_replicate, dp_shard, parallel.tp, parallel.pp, parallel.cp, world_size,
-                   zero=parallel.zero)
+                   zero=parallel.zero, engine=parallel.engine)
 
     # ---- degrees -----------------------------------------------------------------------------------
     @property
@@ -140,4 +141,6 @@ class ParallelDims:
 
     def describe(self) -> str:
         parts = [f"{n}={getattr(self, n)}" for n in MESH_ORDER] + [f"zero={self.zero}"]
+        if self.engine != "native":
+            parts.append(f"engine={self.engine}")
         return f"ParallelDims({', '.join(parts)}, world={self.world_size})"

@@ -130,9 +130,10 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     (tied) parameters count once; sharded DTensor parameters count with their global size."""
     total = non_embedding = 0
     for name, param in model.named_parameters():
-        total += param.numel()
+        numel = getattr(param, "ds_numel", None) or param.numel()  # DeepSpeed ZeRO-3 leaves an empty local tensor
+        total += numel
         if "embeddings" not in name:
-            non_embedding += param.numel()
+            non_embedding += numel
     return {"params": total, "non_embedding_params": non_embedding}
 
 

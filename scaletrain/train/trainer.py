@@ -145,11 +145,17 @@ class Trainer:
         self.pipeline = self._build_pipeline()
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = None  # parallel.engine=deepspeed: DeepSpeed partitions, reduces and steps
+        if self.dims.engine == "deepspeed":
+            from scaletrain.parallel.deepspeed import DeepSpeedEngine
+
+            self.engine = self.optimizer = DeepSpeedEngine(self.model, self.optimizer, cfg, self.dims)
         self.optimizer = parallel.shard_optimizer_state(self.optimizer, self.model, self.dims)
         self.total_steps = self._total_steps()
         self.loader.log_plan(self.total_steps * t.global_batch if math.isfinite(self.total_steps) else None)
         self.schedule = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
-        self.scaler = LossScaler(cfg.precision == "fp16", t.loss_scale_init, t.loss_scale_growth_interval)
+        # DeepSpeed keeps its own fp16 loss scale (configured from the same trainer.loss_scale_* fields)
+        self.scaler = LossScaler(cfg.precision == "fp16" and self.engine is None, t.loss_scale_init, t.loss_scale_growth_interval)
         self.state = TrainState()
         self.resumed_from = self._resume()
         if self.rank == 0:  # only now: a failed resume keeps the config of the run that wrote the checkpoints
@@ -182,7 +188,8 @@ class Trainer:
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/RNG that a checkpoint must restore."""
-        return {"progress": self.state, "schedule": self.schedule, "scaler": self.scaler, "loader": self.loader}
+        scaler = self.engine.loss_scale_state if self.engine is not None else self.scaler
+        return {"progress": self.state, "schedule": self.schedule, "scaler": scaler, "loader": self.loader}
 
     def _resume(self) -> Optional[Path]:
         path = self.checkpoints.resolve_resume(self.cfg.resume)
@@ -281,15 +288,7 @@ class Trainer:
                                    f"{int(local_targets)}; the normalisation would be wrong")
             self._targets_checked = True
         loss = (self._all_reduce_dp(loss_sum) / global_targets).item()  # CPU-GPU sync point, once a step
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        self.scaler.unscale_(params)
-        finite = math.isfinite(loss) and (not self.scaler.enabled or grads_are_finite(params))
-        grad_norm = float("nan")
-        if finite:
-            grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.trainer.grad_clip, self.dims).item()
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+        finite, grad_norm = self._update(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update(found_overflow=not finite)
         self.schedule.step()
@@ -300,6 +299,22 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": time.perf_counter() - started,
                 "tokens": tokens, "flops": sum(flops.batch_flops(self.model_cfg, b) for b in micro_batches)
                 * self.dims.dp_size}
+
+    def _update(self, loss: float) -> tuple[bool, float]:
+        """Unscale, check, clip and step; returns (the update was taken, the gradient norm)."""
+        if self.engine is not None:  # DeepSpeed clips, steps and skips an fp16 overflow itself
+            grad_norm = self.engine.step()
+            return math.isfinite(loss) and self.engine.update_applied(), grad_norm
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.scaler.unscale_(params)
+        finite = math.isfinite(loss) and (not self.scaler.enabled or grads_are_finite(params))
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.trainer.grad_clip, self.dims).item()
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        return finite, grad_norm
 
     def forward_backward(self, micro_batches: list[dict],
                          global_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +331,11 @@ class Trainer:
                 with autocast(self.cfg.precision, self.device.type):
                     _, (micro_loss, count) = self._forward(batch)
                 micro_loss = micro_loss.float()
-                self.scaler.scale_loss(micro_loss / global_targets).backward()
+                scaled = self.scaler.scale_loss(micro_loss / global_targets)
+                if self.engine is not None:
+                    self.engine.backward(scaled, last=index == len(micro_batches) - 1)
+                else:
+                    scaled.backward()
             loss_sum += micro_loss.detach()
             scored += count
         return loss_sum, scored
@@ -324,9 +343,13 @@ class Trainer:
     def _forward(self, batch: dict) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
         """(model outputs, (loss sum, count)): the objective's forward, or a task's classify() (B, num_labels)."""
         if self.task and not self.text_to_text:
-            outputs = self.model.classify(**{k: v for k, v in batch.items() if k != "labels"})
+            method, inputs = "classify", {k: v for k, v in batch.items() if k != "labels"}
         else:
-            outputs = self.model(**{k: batch[k] for k in self.spec.input_keys if k in batch})
+            method, inputs = "forward", {k: batch[k] for k in self.spec.input_keys if k in batch}
+        if self.engine is not None:
+            outputs = self.engine.forward(method, **inputs)
+        else:
+            outputs = (self.model if method == "forward" else getattr(self.model, method))(**inputs)
         return outputs, self.loss_fn(outputs, batch, self.model_cfg.kernels)
 
     def _set_gradient_sync(self, enabled: bool) -> None:
@@ -339,7 +362,7 @@ class Trainer:
             self.state.nonfinite_streak = 0
             return
         self.state.skipped_steps += 1
-        overflow = math.isfinite(loss) and self.scaler.enabled
+        overflow = math.isfinite(loss) and self.cfg.precision == "fp16"
         if overflow:  # fp16 gradient overflow: the scaler backs off; not a divergence
             return
         self.state.nonfinite_streak += 1
@@ -496,7 +519,7 @@ class Trainer:
     def _log(self, step_metrics: dict[str, float]) -> None:
         loss = step_metrics["loss"]
         record = {**step_metrics, "ppl": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
-                  "loss_scale": self.scaler.scale,
+                  "loss_scale": self.engine.loss_scale if self.engine is not None else self.scaler.scale,
                   "tokens": self.state.tokens, "skipped_steps": self.state.skipped_steps,
                   "peak_memory_gb": flops.peak_memory_bytes(self.device) / 2**30, **self.throughput.report()}
         self.logger.log(self.state.step, record)
