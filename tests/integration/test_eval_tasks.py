@@ -1,4 +1,4 @@
-"""trainer.eval_tasks beyond a GPT in dp / tp: a GPT under pipeline parallelism (pp2, pp2 x dp2) and a BERT
+"""trainer.eval_tasks beyond a GPT in dp / tp: a GPT under pipeline parallelism (pp2, pp2 x dp2, ZBV) and a BERT
 (cloze), T5 and BART (multiple choice) under one process, ZeRO-3 and tp2 score what one process scores, and
 what `scaletrain eval --tasks` gives on the final checkpoint."""
 
@@ -45,13 +45,15 @@ def _assert_cli_gives(run_dir, task, trainer, name, tmp_path):
         assert result[metric] == final[f"task/{name}/{metric}"]
 
 
-@pytest.mark.parametrize("ranks, layout", [
-    (2, ["parallel.pp=2", "parallel.dp_shard=1"]),
-    (4, ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"])], ids=["pp2", "pp2_dp2"])
-def test_eval_tasks_through_the_pipeline_score_as_one_process(tmp_path, ranks, layout):
+@pytest.mark.parametrize("ranks, model, layout", [
+    (2, [], ["parallel.pp=2", "parallel.dp_shard=1"]),
+    (4, [], ["parallel.pp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+    (2, ["model.n_layers=4"], ["parallel.pp=2", "parallel.pp_virtual=2", "parallel.pp_schedule=zbv",
+                               "parallel.dp_shard=1"])], ids=["pp2", "pp2_dp2", "pp2_zbv"])
+def test_eval_tasks_through_the_pipeline_score_as_one_process(tmp_path, ranks, model, layout):
     mc = _write(tmp_path / "colors.jsonl", MC)
     # micro_batch 1: pp2 x dp2 still has the 2 micro-batches 1F1B needs
-    overrides = tiny_overrides("gpt", *TASK_RUN, "trainer.micro_batch=1", f"trainer.eval_tasks=[{mc}]")
+    overrides = tiny_overrides("gpt", *model, *TASK_RUN, "trainer.micro_batch=1", f"trainer.eval_tasks=[{mc}]")
     single = make_trainer(tmp_path / "single", overrides)
     single.train()
     assert {"task/colors/acc", "task/colors/acc_norm"} <= set(single.last_eval)
