@@ -427,7 +427,8 @@ class Trainer:
         have no labels)."""
         from scaletrain.evaluation.fewshot import IGNORE, row_loglikelihoods
 
-        per_call, width = self.pipeline.schedule._n_microbatches * self.cfg.trainer.micro_batch, self.cfg.trainer.seq_len
+        t = self.cfg.trainer
+        per_call, width = self.pipeline.schedule._n_microbatches * t.micro_batch, t.seq_len
 
         def score_rows(rows: list[tuple[list[int], list[int]]]) -> list[float]:
             scores = []
