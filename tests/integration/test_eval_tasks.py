@@ -1,6 +1,6 @@
-"""trainer.eval_tasks beyond a GPT in dp / tp: a GPT under pipeline parallelism (pp2, pp2 x dp2, ZBV) and a BERT
-(cloze), T5 and BART (multiple choice) under one process, ZeRO-3 and tp2 score what one process scores, and
-what `scaletrain eval --tasks` gives on the final checkpoint."""
+"""trainer.eval_tasks beyond a GPT in dp / tp: a GPT under pipeline parallelism (pp2, pp2 x dp2, ZBV), and a
+BERT and a RoBERTa (cloze), a T5 and a BART (multiple choice) under ZeRO-3 and tp2, score what one process
+scores, and what `scaletrain eval --tasks` gives on the final checkpoint."""
 
 import json
 
@@ -61,12 +61,15 @@ def test_eval_tasks_through_the_pipeline_score_as_one_process(tmp_path, ranks, m
     _assert_cli_gives(tmp_path / "pp", mc, single, "colors", tmp_path)
 
 
-FAMILIES = {"bert": tiny_overrides("bert")[:5] + ["model.nsp_head=false"], **ENCDEC}
+ROBERTA = ["model=roberta_base", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64",
+           "model.vocab_size=512", "model.max_seq_len=128", "model.dropout=0.0", "model.attn_dropout=0.0",
+           "data=roberta_mlm", "data.tokenizer_vocab=512"]  # a tiny RoBERTa: byte BPE, <mask>, no NSP
+FAMILIES = {"bert": tiny_overrides("bert")[:5] + ["model.nsp_head=false"], "roberta": ROBERTA, **ENCDEC}
 
 
-@pytest.mark.parametrize("family", ["bert", "t5", "bart"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "t5", "bart"])
 def test_eval_tasks_of_encoders_and_encoder_decoders_under_zero3_and_tp2(tmp_path, family):
-    name, records = ("cloze", CLOZE) if family == "bert" else ("colors", MC)
+    name, records = ("cloze", CLOZE) if family in ("bert", "roberta") else ("colors", MC)
     task = _write(tmp_path / f"{name}.jsonl", records)
     # seq_len 64: a 1-shot prompt must fit whole in an encoder's window
     overrides = FAMILIES[family] + tiny_overrides("gpt")[3:] + TASK_RUN + [f"trainer.eval_tasks=[{task}]",
