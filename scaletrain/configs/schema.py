@@ -577,17 +577,26 @@ def validate_cross_fields(cfg: TrainConfig, world_size: int) -> None:
 
 
 def _check_eval_tasks(cfg: TrainConfig) -> None:
-    tasks, p = cfg.trainer.eval_tasks, cfg.parallel
+    tasks, p, family = cfg.trainer.eval_tasks, cfg.parallel, cfg.model.family
     if not tasks:
         return
-    _check(cfg.model.family == "gpt" and cfg.data.task == "lm", "trainer.eval_tasks scores a left-to-right LM "
-           f"(family gpt, data.task=lm); this run is family {cfg.model.family}, data.task={cfg.data.task}")
-    _check(p.pp == 1, f"trainer.eval_tasks does not run under pipeline parallelism (parallel.pp={p.pp}): no stage "
-           f"holds the whole model; evaluate the checkpoints with scaletrain eval --tasks instead")
+    _check(family in ("gpt", "bert", "encdec") and cfg.data.task == "lm", "trainer.eval_tasks scores a pretrained "
+           f"GPT, BERT (cloze) or T5 / BART (data.task=lm); this run is family {family}, data.task={cfg.data.task}"
+           + (" (XLNet's permutation LM has no few-shot scoring here)" if family == "xlnet" else ""))
+    _check(p.pp == 1 or family == "gpt", f"trainer.eval_tasks under pipeline parallelism (parallel.pp={p.pp}) "
+           f"scores a GPT only; for family {family} set parallel.pp=1 or evaluate the checkpoints with scaletrain eval")
     _check(cfg.trainer.eval_every > 0, "trainer.eval_tasks runs at evaluations; set trainer.eval_every > 0")
+    from scaletrain.evaluation.fewshot import read_task  # bad task files fail here, before any worker starts
+
     for path in tasks:
         _check(os.path.isfile(os.path.expanduser(path)), f"trainer.eval_tasks: {path} is not a file; give JSONL "
                f"task files (context, choices, answer)")
+        generation = read_task(path)[0].choices is None
+        _check(not generation or family == "gpt", f"trainer.eval_tasks: {path} is a generation task; family "
+               f"{family} scores multiple-choice tasks only (give records with \"choices\")")
+        _check(not generation or p.pp == 1, f"trainer.eval_tasks: {path} is a generation task, which parallel.pp="
+               f"{p.pp} does not decode (greedy decoding runs one token per forward, and the schedule runs fixed-"
+               f"shape batches of every micro-batch at once); keep multiple-choice tasks or set parallel.pp=1")
 
 
 def _check_task(cfg: TrainConfig) -> None:

@@ -34,6 +34,7 @@ from scaletrain.inference.generate import full_logits, pad_batch
 log = logging.getLogger(__name__)
 
 SEPARATOR, DELIMITER = "\n\n", " "  # between demonstrations; between a context and its answer
+IGNORE = -100  # an unscored label, as the losses' ignore index
 
 
 @dataclass
@@ -140,32 +141,52 @@ def _fit(prompt_ids: list[int], continuation: list[int], window: int, where: str
     return ids[-(window + 1):], len(ids) > window + 1
 
 
-@torch.no_grad()
-def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], window: int,
-                          batch_size: int, device) -> list[float]:
-    """sum of log p(continuation tokens | everything before them) for each (prompt ids, continuation ids)."""
-    scores, truncated = [], 0
-    for first in range(0, len(pairs), batch_size):
-        rows = []
-        for prompt_ids, continuation in pairs[first:first + batch_size]:
-            ids, cut = _fit(prompt_ids, continuation, window, "a task record")
-            rows.append((ids, len(continuation)))
-            truncated += cut
-        # right padding: causal attention never reads it
-        batch, _ = pad_batch([ids for ids, _ in rows], pad_id=0, left=False, device=device)
-        logprobs = F.log_softmax(full_logits(model(batch[:, :-1])).float(), dim=-1)  # (B, T-1, V)
-        for row, (ids, length) in enumerate(rows):
-            positions = torch.arange(len(ids) - 1 - length, len(ids) - 1, device=device)
-            scores.append(float(logprobs[row, positions, batch[row, positions + 1]].double().sum()))
+def labelled_rows(pairs: list[tuple[list[int], list[int]]], window: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, continuation ids) -> (input ids, labels), both <= window long: the fitted text but its
+    last token, labelled with the next token where that is a continuation token and -100 elsewhere."""
+    rows, truncated = [], 0
+    for prompt_ids, continuation in pairs:
+        ids, cut = _fit(prompt_ids, continuation, window, "a task record")
+        truncated += cut
+        rows.append((ids[:-1], [IGNORE] * (len(ids) - 1 - len(continuation)) + continuation))
     if truncated:
         log.warning("%d prompts were longer than the model's window of %d tokens: their oldest tokens were cut",
                     truncated, window)
-    return scores
+    return rows
 
 
-def score_multiple_choice(model, encode, prompts: list[dict], window: int, batch_size: int, device) -> dict:
+def row_loglikelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V) (vocab-sharded under tp) and labels (B, T) -> (B,) float64: each row's summed
+    log-probability of its labels; the one reduction behind every left-to-right score, pipelined or not."""
+    logprobs = F.log_softmax(full_logits(logits).float(), dim=-1)  # (B, T, V)
+    picked = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
+    return torch.where(labels != IGNORE, picked, 0.0).double().sum(dim=-1)
+
+
+def score_rows_in_process(model: nn.Module, batch_size: int, device):
+    """-> score_rows(rows) -> [summed log-likelihood]: the rows in batches through a model in this process."""
+
+    @torch.no_grad()
+    def score_rows(rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        scores = []
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first:first + batch_size]
+            # right padding: causal attention never reads it, and its labels are ignored
+            inputs, _ = pad_batch([ids for ids, _ in chunk], pad_id=0, left=False, device=device)
+            labels, _ = pad_batch([labels for _, labels in chunk], pad_id=IGNORE, left=False, device=device)
+            scores += row_loglikelihoods(model(inputs), labels).tolist()
+        return scores
+
+    return score_rows
+
+
+def score_multiple_choice(model, encode, prompts: list[dict], window: int, batch_size: int, device,
+                          score_rows=None) -> dict:
+    """`score_rows(labelled rows) -> [float]` scores the (input, labels) rows; default: `model` in this process
+    (the trainer passes the pipeline's, under parallel.pp > 1)."""
     pairs = [(encode(p["prompt"]), encode(DELIMITER + choice)) for p in prompts for choice in p["choices"]]
-    flat = iter(continuation_logprobs(model, pairs, window, batch_size, device))
+    score_rows = score_rows or score_rows_in_process(model, batch_size, device)
+    flat = iter(score_rows(labelled_rows(pairs, window)))
     for p in prompts:
         p["loglikelihoods"] = [next(flat) for _ in p["choices"]]
     return grade_choices(prompts)
@@ -227,27 +248,32 @@ def score_cloze(model: nn.Module, frame, encode, mask_token: str, mask_id: int, 
     """A masked LM's multiple choice: every token of the choice masked at once in the prompt, the score the
     sum of log p(choice token | the masked text) at those positions. `frame(text)` -> ids with the family's
     special tokens, `encode(text)` -> bare ids."""
-    from scaletrain.models.blocks import IGNORE_INDEX
-
     for p in prompts:
         scores = []
         for choice in p["choices"]:
-            target = encode(DELIMITER + choice)
-            ids = frame(cloze_text(p["prompt"], len(target), mask_token))
-            if len(ids) > window:  # an encoder reads the whole text: no left truncation keeps the blank
-                raise InputError(f"a cloze prompt is {len(ids)} tokens, more than the model's window of {window}; "
-                                 f"use fewer --shots or shorter contexts")
+            ids, target = cloze_inputs(frame, encode, mask_token, mask_id, p["prompt"], choice, window)
             ids = torch.tensor([ids], device=device)
-            is_mask = ids == mask_id
-            if int(is_mask.sum()) != len(target):
-                raise InputError(f"a cloze prompt holds {int(is_mask.sum())} mask tokens for a choice of "
-                                 f"{len(target)}; remove mask tokens from the context (mark the blank with ___)")
-            labels = torch.where(is_mask, ids, IGNORE_INDEX)
-            logits = model(ids, labels=labels)[0].float()  # (n, V): the masked positions in order
+            labels = torch.where(ids == mask_id, ids, IGNORE)
+            logits = full_logits(model(ids, labels=labels)[0]).float()  # (n, V): the masked positions in order
             logprobs = F.log_softmax(logits, dim=-1)
             scores.append(float(logprobs[torch.arange(len(target)), torch.tensor(target)].double().sum()))
         p["loglikelihoods"] = scores
     return grade_choices(prompts)
+
+
+def cloze_inputs(frame, encode, mask_token: str, mask_id: int, prompt: str, choice: str,
+                 window: int) -> tuple[list[int], list[int]]:
+    """-> (the framed prompt with one mask per token of the choice at its blank, the choice's ids)."""
+    target = encode(DELIMITER + choice)
+    ids = frame(cloze_text(prompt, len(target), mask_token))
+    if len(ids) > window:  # an encoder reads the whole text: no left truncation keeps the blank
+        raise InputError(f"a cloze prompt is {len(ids)} tokens, more than the model's window of {window}; "
+                         f"use fewer --shots or shorter contexts")
+    masks = sum(i == mask_id for i in ids)
+    if masks != len(target):
+        raise InputError(f"a cloze prompt holds {masks} mask tokens for a choice of {len(target)}; remove mask "
+                         f"tokens from the context (mark the blank with ___)")
+    return ids, target
 
 
 # ------------------------------------------------------------------------------------ encoder-decoders
@@ -259,18 +285,7 @@ def score_seq2seq_choices(model: nn.Module, frame, encode, prompts: list[dict], 
     family's special tokens (T5: text </s>; BART: <s> text </s>), is the encoder's input and each bare
     delimiter + choice (no special tokens, so no </s> is scored) the decoder's target. The score is
     sum log p(target token | prompt, the target before it), the decoder reading [start] + target[:-1]."""
-    pairs = []
-    for p in prompts:
-        source = frame(p["prompt"])
-        if len(source) > window:  # the encoder reads it whole: no left cut keeps its leading special token
-            raise InputError(f"a prompt is {len(source)} tokens, more than the encoder's window of {window}; use "
-                             f"fewer --shots or shorter contexts")
-        for choice in p["choices"]:
-            target = encode(DELIMITER + choice)
-            if len(target) > window:
-                raise InputError(f"a choice is {len(target)} tokens, more than the decoder's window of {window}; "
-                                 f"shorten it")
-            pairs.append((source, target))
+    pairs = seq2seq_pairs(frame, encode, prompts, window)
     scores = []
     for first in range(0, len(pairs), batch_size):
         chunk = pairs[first:first + batch_size]
@@ -288,16 +303,52 @@ def score_seq2seq_choices(model: nn.Module, frame, encode, prompts: list[dict], 
     return grade_choices(prompts)
 
 
+def seq2seq_pairs(frame, encode, prompts: list[dict], window: int) -> list[tuple[list[int], list[int]]]:
+    """-> (framed prompt, bare delimiter + choice) ids for each prompt's choices, both within the window."""
+    pairs = []
+    for p in prompts:
+        source = frame(p["prompt"])
+        if len(source) > window:  # the encoder reads it whole: no left cut keeps its leading special token
+            raise InputError(f"a prompt is {len(source)} tokens, more than the encoder's window of {window}; use "
+                             f"fewer --shots or shorter contexts")
+        for choice in p["choices"]:
+            target = encode(DELIMITER + choice)
+            if len(target) > window:
+                raise InputError(f"a choice is {len(target)} tokens, more than the decoder's window of {window}; "
+                                 f"shorten it")
+            pairs.append((source, target))
+    return pairs
+
+
+def check_prompts_fit(family: str, tokenizer, frame, prompts: list[dict], window: int) -> None:
+    """The refusals scoring would raise on these prompts (too long for the window, stray mask tokens), raised
+    without a model: the trainer checks its eval_tasks at start rather than at its first evaluation."""
+    if family == "bert":
+        mask_token, mask_id = _mask(tokenizer)
+        for p in prompts:
+            for choice in p["choices"]:
+                cloze_inputs(frame, tokenizer.encode, mask_token, mask_id, p["prompt"], choice, window)
+    elif family == "encdec":
+        seq2seq_pairs(frame, tokenizer.encode, prompts, window)
+    elif prompts[0]["choices"] is not None:
+        labelled_rows([(tokenizer.encode(p["prompt"]), tokenizer.encode(DELIMITER + c)) for p in prompts
+                       for c in p["choices"]], window)
+
+
+def _mask(tokenizer) -> tuple[str, int]:
+    mask = tokenizer.role_token("mask")
+    if mask is None:
+        raise InputError("the model's tokenizer has no mask token, which cloze scoring needs")
+    return mask, tokenizer.role_id("mask")
+
+
 def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[dict], window: int, batch_size: int,
-               device, special: dict, max_new_tokens: int) -> dict:
+               device, special: dict, max_new_tokens: int, score_rows=None) -> dict:
     """One task's metrics, by the model's family and the task's kind (scaletrain eval and the trainer):
     a BERT's cloze, a T5 / BART's multiple choice, a GPT's multiple choice or generation. `frame(text)` -> ids
-    with the family's specials."""
+    with the family's specials. `score_rows`: a GPT's rows scored elsewhere (the pipeline), multiple choice only."""
     if family == "bert":
-        mask = tokenizer.role_token("mask")
-        if mask is None:
-            raise InputError("the model's tokenizer has no mask token, which cloze scoring needs")
-        return score_cloze(model, frame, tokenizer.encode, mask, tokenizer.role_id("mask"), prompts, window, device)
+        return score_cloze(model, frame, tokenizer.encode, *_mask(tokenizer), prompts, window, device)
     if family == "encdec":
         if prompts[0]["choices"] is None:
             raise InputError("an encoder-decoder (T5, BART) is scored on multiple-choice tasks here; generation "
@@ -305,6 +356,9 @@ def score_task(model: nn.Module, family: str, tokenizer, frame, prompts: list[di
         return score_seq2seq_choices(model, frame, tokenizer.encode, prompts, window, batch_size, device,
                                      special["decoder_start_token_id"], special["pad_token_id"])
     if prompts[0]["choices"] is not None:
-        return score_multiple_choice(model, tokenizer.encode, prompts, window, batch_size, device)
+        return score_multiple_choice(model, tokenizer.encode, prompts, window, batch_size, device, score_rows)
+    if score_rows is not None:
+        raise InputError("a generation task decodes token by token in one process; here only multiple choice "
+                         "is scored through the pipeline")
     decode = lambda ids: tokenizer.backend.decode(ids, skip_special_tokens=True)  # noqa: E731
     return score_generation(model, tokenizer.encode, decode, prompts, window, special, max_new_tokens, batch_size)

@@ -19,9 +19,13 @@ MASK_SPELLINGS = ("[MASK]", "<mask>")  # either is accepted whatever the tokeniz
 def input_encoder(loaded) -> Callable[[str], list[int]]:
     """text -> ids through the tokenizer's own post-processor (exported and Hugging Face folders have one),
     else the family's, built as export builds it."""
+    return framed_encoder(loaded.tokenizer, loaded.model_cfg)
+
+
+def framed_encoder(tokenizer, model_cfg) -> Callable[[str], list[int]]:
     from scaletrain.data.tokenizer import framing_backend
 
-    backend = framing_backend(loaded.tokenizer, loaded.model_cfg)
+    backend = framing_backend(tokenizer, model_cfg)
     return lambda text: backend.encode(text, add_special_tokens=True).ids
 
 
@@ -42,13 +46,19 @@ def special_token_ids(loaded) -> dict:
         eos = _first(values.get("eos_token_id"))
         return dict(eos_token_id=eos, pad_token_id=_first(values.get("pad_token_id", eos if eos is not None else 0)),
                     decoder_start_token_id=_first(values.get("decoder_start_token_id")))
+    from scaletrain.checkpoint.manager import read_manifest
+
+    objective = None if cfg.family == "gpt" else read_manifest(loaded.source).get("config", {}).get("data", {}).get(
+        "objective")
+    return trained_special_ids(tokenizer, cfg, objective)
+
+
+def trained_special_ids(tokenizer, cfg, objective) -> dict:
+    """eos, pad and decoder start of a model trained here with data.objective `objective` (None: unknown)."""
     if cfg.family == "gpt":
         eos = tokenizer.role_id("eod")
         return dict(eos_token_id=eos, pad_token_id=tokenizer.pad_id if eos is not None else cfg.pad_token_id,
                     decoder_start_token_id=None)
-    from scaletrain.checkpoint.manager import read_manifest
-
-    objective = read_manifest(loaded.source).get("config", {}).get("data", {}).get("objective")
     eos = tokenizer.role_id("eos")
     start = cfg.pad_token_id if objective == "t5_span" or (objective is None and cfg.position == "relative") else eos
     return dict(eos_token_id=eos, pad_token_id=cfg.pad_token_id, decoder_start_token_id=start)

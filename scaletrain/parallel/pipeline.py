@@ -238,6 +238,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._gradient_scale = 1.0
+        self._row_scores = None  # evaluate_rows: (output, labels) -> (b,) per-row scores instead of the loss
         self._forward_only_order = None  # V schedules' evaluation order, lowered with its communication
 
     @property
@@ -246,7 +247,9 @@ class Pipeline:
 
     def micro_batch_loss(self, output, target: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn: summed cross-entropy of one micro-batch x gradient scale (1 / the global
-        batch's target count, times the fp16 loss scale)."""
+        batch's target count, times the fp16 loss scale); under evaluate_rows, the micro-batch's (b,) row scores."""
+        if self._row_scores is not None:
+            return self._row_scores(output, target)
         if self.family == "bert":
             outputs = output if isinstance(output, tuple) else (output, None)
             batch = {"labels": target}
@@ -264,9 +267,10 @@ class Pipeline:
             target = torch.cat([target, batch["next_sentence_label"][:, None].to(target.dtype)], dim=1)
         return (batch["input_ids"],), kwargs, target
 
-    def _run(self, batch: dict, train: bool, context) -> tuple[torch.Tensor, torch.Tensor]:
+    def _schedule_call(self, batch: dict, train: bool, context) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """-> (the loss_fn result of each micro-batch, in micro-batch order, on the last stage; the target)."""
         args, kwargs, target = self._inputs(batch)
-        losses: list[torch.Tensor] = []  # one per micro-batch, on the last stage
+        losses: list[torch.Tensor] = []
         with self._loss_context(), (context or contextlib.nullcontext()):
             if train:
                 self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
@@ -274,8 +278,11 @@ class Pipeline:
                 self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         if train:
             self.tied.all_reduce_grads()
-        device = target.device
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        return losses, target
+
+    def _run(self, batch: dict, train: bool, context) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, target = self._schedule_call(batch, train, context)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=target.device)
         if self.has_last_stage:
             loss_sum = torch.stack([l.detach().float() for l in losses]).sum() / self._gradient_scale
         dist.all_reduce(loss_sum, group=self.pp_group)  # only the last stage has it: now every rank does
@@ -304,16 +311,39 @@ class Pipeline:
     def evaluate(self, batch: dict, context=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only: (summed loss, scored targets) of the batch, on every pp rank."""
         self._gradient_scale = 1.0
-        if self.schedule_name not in V_SHAPED_SCHEDULES:
+        with self._forward_only():
             return self._run(batch, train=False, context=context)
-        # torch 2.13's eval() of a V schedule still runs the backward actions of its training order (and
-        # fails in them); run a forward-only order instead, then put the training order back
+
+    @torch.no_grad()
+    def evaluate_rows(self, batch: dict, row_scores, context=None) -> torch.Tensor:
+        """Forward only, scoring each row: `row_scores(last stage output (b, T, V), labels (b, T)) -> (b,)` per
+        micro-batch -> (B,) float64 on every pp rank. The batch is what forward_backward takes at once (the
+        stages were shaped by it): n micro-batches of the training micro-batch's shape."""
+        self._row_scores = row_scores
+        try:
+            with self._forward_only():
+                scores, target = self._schedule_call(batch, train=False, context=context)
+        finally:
+            self._row_scores = None
+        rows = torch.zeros(target.shape[0], dtype=torch.float64, device=target.device)
+        if self.has_last_stage:
+            rows = torch.cat([s.detach() for s in scores]).double()  # micro-batches are forwarded in order
+        dist.all_reduce(rows, group=self.pp_group)  # only the last stage has them: now every rank does
+        return rows
+
+    @contextlib.contextmanager
+    def _forward_only(self):
+        """torch 2.13's eval() of a V schedule still runs the backward actions of its training order (and
+        fails in them): a forward-only order is put in place meanwhile, then the training order back."""
+        if self.schedule_name not in V_SHAPED_SCHEDULES:
+            yield
+            return
         training_order = self.schedule.pipeline_order_with_comms
         if self._forward_only_order is None:
             self._forward_only_order = v_forward_only_order(self.schedule)
         self.schedule.pipeline_order_with_comms = self._forward_only_order
         try:
-            return self._run(batch, train=False, context=context)
+            yield
         finally:
             self.schedule.pipeline_order_with_comms = training_order
 

@@ -30,7 +30,7 @@ from scaletrain.data.mixture import metric_names
 from scaletrain.data.objectives import IGNORE_INDEX, build_objective
 from scaletrain.data.prepare import build_datasets
 from scaletrain.data.tokenizer import check_vocab
-from scaletrain.errors import REQUEUE_EXIT_CODE, UserError
+from scaletrain.errors import REQUEUE_EXIT_CODE, InputError, UserError
 from scaletrain.models.registry import TASK_LOSSES, build_model, get_spec
 from scaletrain.train import metrics as flops
 from scaletrain.train.loggers import MetricLogger
@@ -410,24 +410,62 @@ class Trainer:
 
     def _eval_task_prompts(self) -> dict[str, list[dict]]:
         """trainer.eval_tasks: name -> the prompts, built once (demonstrations from the task file itself)."""
-        from scaletrain.evaluation.fewshot import build_prompts, read_task
+        from scaletrain.evaluation.fewshot import build_prompts, check_prompts_fit, read_task
+        from scaletrain.inference.cli import framed_encoder
 
-        prompts = {}
-        for path in self.cfg.trainer.eval_tasks:
+        prompts, t = {}, self.cfg.trainer
+        for path in t.eval_tasks:
             examples = read_task(path)
-            prompts[Path(path).stem] = build_prompts(examples, examples, self.cfg.trainer.eval_shots, self.cfg.seed)
+            prompts[Path(path).stem] = build_prompts(examples, examples, t.eval_shots, self.cfg.seed)
+            try:  # refused now rather than at the first evaluation, steps into the run
+                check_prompts_fit(self.cfg.model.family, self.data.tokenizer,
+                                  framed_encoder(self.data.tokenizer, self.cfg.model), prompts[Path(path).stem],
+                                  t.seq_len)
+            except InputError as error:
+                raise InputError(f"trainer.eval_tasks: {path}: {error} (here --shots is trainer.eval_shots="
+                                 f"{t.eval_shots}, the window trainer.seq_len={t.seq_len})") from None
         return prompts
 
     def _score_eval_tasks(self) -> None:
-        """Every rank scores the same prompts (FSDP's gathers need all of them), so all log the same figures."""
+        """Every rank scores the same prompts (FSDP's gathers and the pipeline's schedule need all of them), so
+        all log the same figures: scaletrain eval's scoring (fewshot.score_task) on the live model."""
+        if not self.eval_prompts:
+            return
         from scaletrain.evaluation import fewshot
+        from scaletrain.inference.cli import framed_encoder, trained_special_ids
 
-        tokenizer, window = self.data.tokenizer, self.cfg.trainer.seq_len
-        special = {"eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.pad_id}
-        for name, prompts in self.eval_prompts.items():  # eval_tasks is GPT-only (schema): no framing needed
-            scores = fewshot.score_task(self.model, "gpt", tokenizer, None, prompts, window,
-                                        self.cfg.trainer.micro_batch, self.device, special, min(32, window // 2))
+        tokenizer, window, family = self.data.tokenizer, self.cfg.trainer.seq_len, self.model_cfg.family
+        special = trained_special_ids(tokenizer, self.model_cfg, self.cfg.data.objective)
+        frame = framed_encoder(tokenizer, self.model_cfg)  # BERT / T5 / BART: the text with the family's specials
+        score_rows = self._pipeline_row_scorer() if self.pipeline is not None else None
+        for name, prompts in self.eval_prompts.items():
+            scores = fewshot.score_task(self.model, family, tokenizer, frame, prompts, window,
+                                        self.cfg.trainer.micro_batch, self.device, special, min(32, window // 2),
+                                        score_rows)
             self.last_eval.update({f"task/{name}/{key}": value for key, value in scores.items() if key != "examples"})
+
+    def _pipeline_row_scorer(self):
+        """parallel.pp > 1: labelled rows (input ids, labels) -> their summed log-likelihoods, through the
+        schedule n_micro x micro_batch rows of seq_len at a time (the training batch's shape; padding rows
+        have no labels)."""
+        from scaletrain.evaluation.fewshot import IGNORE, row_loglikelihoods
+
+        t = self.cfg.trainer
+        per_call, width = self.pipeline.schedule._n_microbatches * t.micro_batch, t.seq_len
+
+        def score_rows(rows: list[tuple[list[int], list[int]]]) -> list[float]:
+            scores = []
+            for first in range(0, len(rows), per_call):
+                chunk = rows[first:first + per_call]
+                inputs = torch.zeros(per_call, width, dtype=torch.long)
+                labels = torch.full((per_call, width), IGNORE, dtype=torch.long)
+                for row, (ids, row_labels) in enumerate(chunk):  # right padding, as in one process
+                    inputs[row, :len(ids)], labels[row, :len(row_labels)] = torch.tensor(ids), torch.tensor(row_labels)
+                batch = {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
+                scores += self.pipeline.evaluate_rows(batch, row_loglikelihoods)[:len(chunk)].tolist()
+            return scores
+
+        return score_rows
 
     def _describe_eval(self) -> str:
         e = self.last_eval

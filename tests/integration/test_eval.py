@@ -234,11 +234,10 @@ def test_trainer_eval_tasks_log_what_scaletrain_eval_gives_on_the_checkpoint(tmp
 
 
 @pytest.mark.parametrize("family, extra, message", [
-    ("bert", [], "trainer.eval_tasks scores a left-to-right LM (family gpt, data.task=lm); this run is family bert"),
+    ("gpt", ["data.task=classification", "data.train_files=builtin"],
+     "trainer.eval_tasks scores a pretrained GPT, BERT (cloze) or T5 / BART (data.task=lm)"),
     ("gpt", ["trainer.eval_every=0"], "trainer.eval_tasks runs at evaluations"),
-    ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file"),
-    ("gpt", ["parallel.pp=2", "parallel.dp_shard=1", "launcher.nproc_per_node=2"],
-     "does not run under pipeline parallelism (parallel.pp=2)")])
+    ("gpt", ["trainer.eval_tasks=[missing.jsonl]"], "missing.jsonl is not a file")])
 def test_eval_tasks_that_cannot_be_scored_are_refused(tmp_path, capsys, family, extra, message):
     task = _write(tmp_path / "colors.jsonl", MC)
     code = main(["train", *tiny_overrides(family, f"trainer.eval_tasks=[{task}]", "trainer.eval_every=5", *extra),
