@@ -316,7 +316,7 @@ class DeepSpeedEngine:
 
     def _state_keys(self) -> tuple[list[str], dict[str, Any]]:
         """(per-element state names, {scalar state name: value}); every flat partition has the same."""
-        state = next(iter(self._base().state.values()))
+        state = next(iter(self._base().state.values()), {})  # plain SGD (no momentum) keeps no state at all
         per_element = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
         scalars = {k: (v.clone() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in state.items()
                    if k not in per_element}  # DeepSpeed's CPU Adam counts "step" in an int; torch in a tensor

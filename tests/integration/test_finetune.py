@@ -73,6 +73,8 @@ def _finetune_on_rank(rank, world_size, run_dir, overrides):
 
 @pytest.mark.parametrize("family, layout", [("gpt", ["parallel.dp_shard=2"]),
                                              ("bert", ["parallel.dp_shard=2", "parallel.zero=3"]),
+                                             ("bert", ["parallel.dp_shard=2", "parallel.zero=3",
+                                                       "parallel.engine=deepspeed"]),
                                              ("gpt", ["parallel.tp=2", "parallel.dp_shard=1"]),
                                              ("xlnet", ["parallel.tp=2", "parallel.dp_shard=1"])])
 def test_two_ranks_finetune_as_one_process(tmp_path, topic_task, family, layout):
