@@ -285,7 +285,8 @@ def _train_on_rank(rank, world_size, run_dir, overrides):
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.dp_shard=1"],
                                     ["parallel.tp=2", "parallel.dp_shard=1", "parallel.sequence_parallel=true"],
-                                    ["parallel.dp_shard=2", "parallel.zero=3"]])
+                                    ["parallel.dp_shard=2", "parallel.zero=3"],
+                                    ["parallel.dp_shard=2", "parallel.zero=3", "parallel.engine=deepspeed"]])
 def test_eval_tasks_under_two_rank_layouts_score_as_one_process(tmp_path, layout):
     from scaletrain.parallel.multiprocess import run_on_ranks
 
