@@ -118,7 +118,17 @@ def check_run(cfg: TrainConfig, dp: int) -> None:
            "model.kernels=auto or parallel.engine=native")
     _check(cfg.dry_run.world_size == 0, "dry_run.world_size measures the native engine's shards; DeepSpeed's "
            "partitions are not modelled: dry-run with parallel.engine=native at the same parallel.zero")
+    if cfg.parallel.offload == "nvme":
+        _check(async_io_available(), "parallel.offload=nvme needs DeepSpeed's async I/O op, which builds against "
+               "libaio, not found here; install it (apt-get install libaio-dev) or use parallel.offload=cpu")
     deepspeed_config(cfg, dp)  # a contradicting parallel.deepspeed_config fails here, before any launch
+
+
+def async_io_available() -> bool:
+    """Whether DeepSpeed can build (or has built) its NVMe I/O op: it compiles a probe against libaio."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -110,3 +110,12 @@ def test_without_deepspeed_installed_one_line_names_the_extra(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install -e '.[deepspeed]'" in lines[0], result.stderr
+
+
+def test_nvme_offload_without_libaio_is_one_line(monkeypatch, tmp_path):
+    # the probe compiles against libaio; a machine without it (no libaio-dev) answers False
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    message = _error(BASE + ["parallel.offload=nvme", "parallel.zero=3", f"parallel.offload_dir={tmp_path}"])
+    assert "apt-get install libaio-dev" in message and "parallel.offload=cpu" in message
