@@ -518,8 +518,9 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
     kept = encoder_layers * layer(layout.recompute, False) + decoder_layers * layer(layout.recompute, True)
     sbh = seq * b * cfg.d_model
     # a block's backward holds the gradients of its widest activations (B, T, ffn/t) and of the residual
-    # stream (B, T, D), and first reruns the forward it did not keep
-    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model / (t if sp else 1)) * value_bytes
+    # stream (B, T, D), its widest weight's gradient (ffn/t, D) before it joins .grad, and first reruns the
+    # forward it did not keep
+    transient = block_gradient_bytes(cfg, seq * b, t, t if sp else 1, value_bytes)
     if layout.recompute != "none":
         transient += layer("none", decoder_layers > 0) - layer(layout.recompute, decoder_layers > 0)
     plans, owned = stage_split(cfg, layout)
@@ -531,6 +532,8 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
         kept += streams * sbh * (value_bytes + mask + (kwargs["norm_bytes"] if cfg.embedding_norm else 0))
         if cfg.position == "relative":  # per stack: T5's (1, H/t, T, T) bias, which every layer keeps, and
             kept += streams * seq * seq * (cfg.n_heads / t * value_bytes + 8)  # its int64 bucket ids
+    if first:
+        transient = max(transient, embedding_gradient_bytes(cfg, t, value_bytes))
     if last:
         # the head's input (an LM head's normed input; BERT's MLM transform keeps its input, the dense and
         # GELU outputs and the normed output, on the `scored` share of the positions) and the vocab-sharded
@@ -538,14 +541,43 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
         # tp > 1) the fp32 log-softmax of its shard; in backward their gradient and the loss's fp32 copy
         rows = seq * b * (scored if cfg.family == "bert" else 1.0)
         logits = rows * cfg.padded_vocab_size(t) / t
-        kept += rows * cfg.d_model * value_bytes * (4 if cfg.family == "bert" else 1)
-        kept += logits * (4 if t > 1 else value_bytes)
+        head_kept = rows * cfg.d_model * value_bytes * (4 if cfg.family == "bert" else 1)
+        head_kept += logits * (4 if t > 1 else value_bytes)
+        kept += head_kept
         if cfg.final_norm and cfg.norm == "rmsnorm" and device == "cpu":  # the torch RMSNorm's own tensors
             kept += sbh * kwargs["norm_bytes"]
         if cfg.position == "relative":  # T5 drops out after the final norm
             kept += sbh * mask
-        transient = max(transient, logits * (value_bytes + 4))
+        transient = max(transient, head_gradient_bytes(cfg, logits, rows, t, value_bytes, first, head_kept))
     return kept, transient
+
+
+def block_gradient_bytes(cfg: ModelConfig, rows: float, tp: int, residual_split: int, value_bytes: int) -> float:
+    """A block's backward transient: the gradients of its widest activation (rows, ffn/tp) and of the residual
+    stream (rows, D / residual_split: tp under sequence parallelism), and of its widest weight (ffn/tp, D), which
+    autograd holds apart until AccumulateGrad adds it to .grad (the dry run measures it)."""
+    ffn = cfg.ffn_dim / tp
+    return (rows * (ffn + 2 * cfg.d_model / residual_split) + ffn * cfg.d_model) * value_bytes
+
+
+def embedding_gradient_bytes(cfg: ModelConfig, tp: int, value_bytes: int) -> float:
+    """The token table's dense gradient, made by the embedding's backward before it joins .grad: the whole
+    padded (V, D) table even under tp, where the vocab-parallel lookup's backward (DTensor) builds it unsharded
+    (the dry run measures it so)."""
+    return cfg.padded_vocab_size(tp) * cfg.d_model * value_bytes
+
+
+def head_gradient_bytes(cfg: ModelConfig, logits: float, rows: float, tp: int, value_bytes: int, first: bool,
+                        head_kept: float) -> float:
+    """The last stage's backward transient: the loss's gradient of the vocab-sharded logits and its fp32 copy,
+    then the head's weight gradient (V/tp, D) with its input's (rows, D). Where the rank also embeds and the
+    table is tied, the embedding's dense gradient of the same table meets the head's and autograd sums them out
+    of place: three (V/tp, D) tensors, after the head's kept activations are freed."""
+    table = cfg.padded_vocab_size(tp) / tp * cfg.d_model * value_bytes
+    transient = max(logits * (value_bytes + 4), table + rows * cfg.d_model * value_bytes)
+    if first and cfg.tie_embeddings:
+        transient = max(transient, 3 * table - head_kept)
+    return transient
 
 
 def stage_memory(cfg: ModelConfig, layout: Layout, seq: int, global_batch: int, stage: int,

@@ -23,7 +23,8 @@ from typing import List, Optional
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.data.objectives import PLM
-from scaletrain.plan.memory import Layout, ParamTensor, linear_params, norm_params, stage_split
+from scaletrain.plan.memory import (Layout, ParamTensor, block_gradient_bytes, embedding_gradient_bytes, linear_params,
+                                    norm_params, stage_split)
 
 
 def plm_num_predict(seq: int, k: int = 6, max_span: int = 5) -> int:
@@ -152,7 +153,9 @@ def xlnet_stage_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, kw
         if holds_last:
             kept += xlnet_block_bytes(cfg, seq, b, M, t, **sizes, content_used=False)
     kept += xlnet_end_bytes(cfg, seq, b, M, v, kwargs["mask_bytes"], first, last, t)
-    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model) * v  # as stage_activation_bytes: one block's gradients
+    transient = block_gradient_bytes(cfg, seq * b, t, 1, v)  # as stage_activation_bytes: one block's gradients
+    if first:
+        transient = max(transient, embedding_gradient_bytes(cfg, t, v))
     if layout.recompute != "none":  # and the forward it reruns
         transient += xlnet_block_bytes(cfg, seq, b, M, t, **{**sizes, "recompute": "none"}) - full
     if last:
