@@ -23,8 +23,8 @@ from typing import List, Optional
 
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.data.objectives import PLM
-from scaletrain.plan.memory import (Layout, ParamTensor, block_gradient_bytes, embedding_gradient_bytes, linear_params,
-                                    norm_params, stage_split)
+from scaletrain.plan.memory import Layout, ParamTensor, linear_params, norm_params, stage_split
+from scaletrain.plan.memory_buffers import block_gradient_bytes, embedding_gradient_bytes
 
 
 def plm_num_predict(seq: int, k: int = 6, max_span: int = 5) -> int:
