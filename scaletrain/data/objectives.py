@@ -14,11 +14,14 @@ keys of docs/contracts.md. Everything random comes from the Generator, so an exa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
 
 from scaletrain.errors import DataError
+
+if TYPE_CHECKING:  # only the annotations name torch; the data path runs without importing it
+    import torch
 
 IGNORE_INDEX = -100
 Example = Dict[str, np.ndarray]

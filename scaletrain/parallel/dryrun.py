@@ -210,8 +210,8 @@ def _microbatches(cfg: TrainConfig, dims: ParallelDims) -> int:
 def _compare(cfg: TrainConfig, dims: ParallelDims, model: nn.Module, measured: MemoryReport, sizes, microbatches: int,
              activations: bool) -> DryRunResult:
     from scaletrain.parallel.dryrun_activations import measure_rank_activations, scored_positions
-    from scaletrain.plan.memory import (accumulation_bytes, fsdp_gather_bytes, rank_state_elements, stage_memory,
-                                        stage_tensors)
+    from scaletrain.plan.memory import rank_state_elements, stage_memory, stage_tensors
+    from scaletrain.plan.memory_buffers import accumulation_bytes, fsdp_gather_bytes
     from scaletrain.plan.memory_xlnet import plm_num_predict
 
     layout = rank_layout(cfg, dims)

@@ -335,7 +335,7 @@ def measure_ends(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims) -
     or BERT has both ends in one zero-layer model run as the trainer runs it (BERT's head then scores only the
     MLM positions); otherwise they are zero-layer stage modules run as the schedule runs them (a zero-layer
     encoder-decoder would drop T5's relative bias, which every layer keeps)."""
-    from scaletrain.models.registry import build_model, get_spec
+    from scaletrain.models.registry import build_model
     from scaletrain.parallel import loss_context
     from scaletrain.parallel.pipeline import STAGE_KWARGS
     from scaletrain.parallel.pipeline_split import StagePlan

@@ -142,7 +142,7 @@ class EncoderDecoderStage(StageModule):
 
     def forward(self, *stream: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None):
-        plan, cfg = self.plan, self.cfg
+        plan = self.plan
         enc_bias = dec_bias = None
         if plan.is_first:  # stream: (input_ids (B, S),)
             if decoder_input_ids is None:

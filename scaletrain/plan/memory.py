@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from scaletrain.configs.schema import ModelConfig
+from scaletrain.plan.memory_buffers import (accumulation_bytes, block_gradient_bytes, embedding_gradient_bytes,
+                                             fsdp_gather_bytes, head_gradient_bytes)
 
 GIB = 1024**3
 
@@ -79,15 +81,15 @@ class ParamTensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _norm(prefix: str, width: int, cfg: ModelConfig, part: str, layer: int = -1) -> List[ParamTensor]:
+def norm_params(prefix: str, width: int, cfg: ModelConfig, part: str, layer: int = -1) -> List[ParamTensor]:
     out = [ParamTensor(f"{prefix}.weight", (width,), None, part, layer)]
     if cfg.norm == "layernorm":
         out.append(ParamTensor(f"{prefix}.bias", (width,), None, part, layer))
     return out
 
 
-def _linear(prefix: str, fan_out: int, fan_in: int, style: str, cfg: ModelConfig, part: str,
-            layer: int = -1, bias: Optional[bool] = None) -> List[ParamTensor]:
+def linear_params(prefix: str, fan_out: int, fan_in: int, style: str, cfg: ModelConfig, part: str,
+                  layer: int = -1, bias: Optional[bool] = None) -> List[ParamTensor]:
     """style 'col' shards the output features (and bias), 'row' the input features (bias replicated).
     bias: None follows model.bias."""
     weight_dim = {"col": 0, "row": 1, "none": None}[style]
@@ -101,20 +103,21 @@ def _attention(prefix: str, cfg: ModelConfig, layer: int) -> List[ParamTensor]:
     inner = cfg.n_heads * cfg.head_dim
     out: List[ParamTensor] = []
     for proj in ("q_proj", "k_proj", "v_proj"):
-        out += _linear(f"{prefix}.{proj}", inner, cfg.d_model, "col", cfg, "layer", layer)
-    return out + _linear(f"{prefix}.out_proj", cfg.d_model, inner, "row", cfg, "layer", layer)
+        out += linear_params(f"{prefix}.{proj}", inner, cfg.d_model, "col", cfg, "layer", layer)
+    return out + linear_params(f"{prefix}.out_proj", cfg.d_model, inner, "row", cfg, "layer", layer)
 
 
 def _block(prefix: str, cfg: ModelConfig, layer: int, cross: bool) -> List[ParamTensor]:
-    out = _norm(f"{prefix}.attn_norm", cfg.d_model, cfg, "layer", layer) + _attention(f"{prefix}.attn", cfg, layer)
+    out = norm_params(f"{prefix}.attn_norm", cfg.d_model, cfg, "layer", layer)
+    out += _attention(f"{prefix}.attn", cfg, layer)
     if cross:
-        out += _norm(f"{prefix}.cross_attn_norm", cfg.d_model, cfg, "layer", layer)
+        out += norm_params(f"{prefix}.cross_attn_norm", cfg.d_model, cfg, "layer", layer)
         out += _attention(f"{prefix}.cross_attn", cfg, layer)
-    out += _norm(f"{prefix}.mlp_norm", cfg.d_model, cfg, "layer", layer)
-    out += _linear(f"{prefix}.mlp.fc_in", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
+    out += norm_params(f"{prefix}.mlp_norm", cfg.d_model, cfg, "layer", layer)
+    out += linear_params(f"{prefix}.mlp.fc_in", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
     if cfg.activation.startswith("gated"):
-        out += _linear(f"{prefix}.mlp.fc_gate", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
-    return out + _linear(f"{prefix}.mlp.fc_out", cfg.d_model, cfg.ffn_dim, "row", cfg, "layer", layer)
+        out += linear_params(f"{prefix}.mlp.fc_gate", cfg.ffn_dim, cfg.d_model, "col", cfg, "layer", layer)
+    return out + linear_params(f"{prefix}.mlp.fc_out", cfg.d_model, cfg.ffn_dim, "row", cfg, "layer", layer)
 
 
 def _stack_embeddings(prefix: str, cfg: ModelConfig, part: str, layer: int) -> List[ParamTensor]:
@@ -127,7 +130,7 @@ def _stack_embeddings(prefix: str, cfg: ModelConfig, part: str, layer: int) -> L
     if cfg.type_vocab_size:
         out.append(ParamTensor(f"{prefix}type_embeddings.weight", (cfg.type_vocab_size, d), 0, part, layer))
     if cfg.embedding_norm:
-        out += _norm(f"{prefix}embedding_norm", d, cfg, part, layer)
+        out += norm_params(f"{prefix}embedding_norm", d, cfg, part, layer)
     return out
 
 
@@ -138,13 +141,15 @@ def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
     vocab, d = cfg.padded_vocab_size(tp), cfg.d_model
     out = [ParamTensor("tok_embeddings.weight", (vocab, d), 0, "embed")]
     if cfg.family == "xlnet":
-        return out + _xlnet_tensors(cfg, vocab)
+        from scaletrain.plan.memory_xlnet import xlnet_tensors  # it builds on this module's pieces
+
+        return out + xlnet_tensors(cfg, vocab)
     if cfg.family != "encdec":
         out += _stack_embeddings("", cfg, "embed", -1)
         for i in range(cfg.n_layers):
             out += _block(f"layers.{i}", cfg, i, cross=False)
         if cfg.final_norm:
-            out += _norm("final_norm", d, cfg, "head")
+            out += norm_params("final_norm", d, cfg, "head")
         return out + _heads(cfg, vocab)
     # Encoder-decoder: each stack has its own positions / embedding norm / relative bias, all on the first
     # pipeline stage, which embeds both streams.
@@ -152,56 +157,29 @@ def parameter_inventory(cfg: ModelConfig, tp: int = 1) -> List[ParamTensor]:
     for i in range(cfg.n_layers):
         out += _block(f"encoder.layers.{i}", cfg, i, cross=False)
     if cfg.final_norm:
-        out += _norm("encoder.final_norm", d, cfg, "layer", cfg.n_layers - 1)
+        out += norm_params("encoder.final_norm", d, cfg, "layer", cfg.n_layers - 1)
     out += _stack_embeddings("decoder.", cfg, "embed", -1)  # the first stage embeds both streams
     for j in range(cfg.decoder_layers):
         out += _block(f"decoder.layers.{j}", cfg, cfg.n_layers + j, cross=True)
     if cfg.final_norm:
-        out += _norm("decoder.final_norm", d, cfg, "head")
+        out += norm_params("decoder.final_norm", d, cfg, "head")
     return out + _heads(cfg, vocab)
-
-
-def _xlnet_tensors(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
-    """models/xlnet.py after the token table: the query stream's mask_emb, per block the relative attention
-    (bias-free projections, r_proj for the position keys; the per-head biases and segment embeddings sharded
-    by heads as parallel/tensor.py does) and the FFN, then the LM head's bias (its weight is the tied table)."""
-    d, heads, head_dim, inner = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
-    out = [ParamTensor("mask_emb", (1, 1, d), None, "embed")]
-    for i in range(cfg.n_layers):
-        prefix = f"layers.{i}"
-        out += _norm(f"{prefix}.attn_norm", d, cfg, "layer", i)
-        for name in ("r_w_bias", "r_r_bias", "r_s_bias"):
-            out.append(ParamTensor(f"{prefix}.attn.{name}", (heads, head_dim), 0, "layer", i))
-        out.append(ParamTensor(f"{prefix}.attn.seg_embed", (2, heads, head_dim), 1, "layer", i))
-        for proj in ("q_proj", "k_proj", "v_proj", "r_proj"):
-            out += _linear(f"{prefix}.attn.{proj}", inner, d, "col", cfg, "layer", i, bias=False)
-        out += _linear(f"{prefix}.attn.out_proj", d, inner, "row", cfg, "layer", i, bias=False)
-        out += _norm(f"{prefix}.mlp_norm", d, cfg, "layer", i)
-        out += _linear(f"{prefix}.mlp.fc_in", cfg.ffn_dim, d, "col", cfg, "layer", i)
-        out += _linear(f"{prefix}.mlp.fc_out", d, cfg.ffn_dim, "row", cfg, "layer", i)
-    out.append(ParamTensor("lm_head.bias", (vocab,), 0, "head"))
-    if not cfg.tie_embeddings:
-        out.append(ParamTensor("lm_head.weight", (vocab, d), 0, "head"))
-    if cfg.num_labels > 0:  # the summary (tanh dense on the last token) and the classifier
-        out += _linear("pooler.dense", d, d, "none", cfg, "head", bias=True)
-        out += _linear("classifier", cfg.num_labels, d, "none", cfg, "head", bias=True)
-    return out
 
 
 def _heads(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
     d = cfg.d_model
     out: List[ParamTensor] = []
     if cfg.family == "bert":
-        out += _linear("mlm_head.dense", d, d, "none", cfg, "head") + _norm("mlm_head.norm", d, cfg, "head")
+        out += linear_params("mlm_head.dense", d, d, "none", cfg, "head") + norm_params("mlm_head.norm", d, cfg, "head")
         out.append(ParamTensor("mlm_head.decoder.bias", (vocab,), 0, "head"))
         if cfg.pooler:
-            out += _linear("pooler.dense", d, d, "none", cfg, "head")
+            out += linear_params("pooler.dense", d, d, "none", cfg, "head")
         if cfg.nsp_head:
-            out += _linear("nsp_head", 2, d, "none", cfg, "head")
+            out += linear_params("nsp_head", 2, d, "none", cfg, "head")
     if not cfg.tie_embeddings:
         out.append(ParamTensor("lm_head.weight", (vocab, d), 0, "head"))
     if cfg.num_labels > 0:
-        out += _linear("classifier", cfg.num_labels, d, "none", cfg, "head")
+        out += linear_params("classifier", cfg.num_labels, d, "none", cfg, "head")
     return out
 
 
@@ -476,28 +454,6 @@ def activation_kwargs(cfg: ModelConfig, precision: str, scores_stored: bool, dev
                 norm_bytes=norm_kept_bytes(cfg.norm, value_bytes, fused), math_fp32=device == "cpu")
 
 
-def accumulation_bytes(layout: Layout, full_elements: int, microbatches: int, precision: str) -> float:
-    """What FSDP (ZeRO 2/3) holds besides its shards while gradients accumulate over micro-batches: the
-    trainer (and torch's pipeline schedules) turn gradient sync off until the last micro-batch, so FSDP2
-    accumulates the unsharded gradients in the reduce dtype (fp32) and reduce-scatters once per step; under
-    pp the schedules also keep the parameters unsharded after each backward (reshard_after_backward=False),
-    so ZeRO-3 holds the gathered 16-bit stage too. full_elements: the rank's tp-local parameter elements."""
-    if layout.zero < 2 or layout.shard_degree == 1:
-        return 0.0
-    held = full_elements * 4.0 if microbatches > 1 else 0.0
-    if layout.zero == 3 and layout.pp > 1:
-        held += full_elements * (4 if precision == "fp32" else 2)
-    return held
-
-
-def fsdp_gather_bytes(layout: Layout, full_elements: float, layers: int, precision: str) -> float:
-    """ZeRO-3: FSDP all-gathers one layer while prefetching the next, and holds its unsharded gradients."""
-    if layout.zero < 3:
-        return 0.0
-    value_bytes = 4 if precision == "fp32" else 2
-    return full_elements / max(layers, 1) * (2 * value_bytes + 4)
-
-
 def in_flight_on_rank(layout: Layout, stage: int, microbatches: int) -> float:
     """Micro-batches of activations pp rank `stage` holds at its peak, in units of its whole share of layers,
     as torch's schedules order them (the dry run replays their action lists, tests/distributed/test_dryrun.py
@@ -528,7 +484,9 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
     XLNet's query-stream rows (default: data.plm_k and plm_max_span's defaults at this seq)."""
     kwargs = activation_kwargs(cfg, precision, scores_stored, device)
     if cfg.family == "xlnet":
-        return _xlnet_stage_bytes(cfg, layout, seq, stage, kwargs, num_predict)
+        from scaletrain.plan.memory_xlnet import xlnet_stage_bytes
+
+        return xlnet_stage_bytes(cfg, layout, seq, stage, kwargs, num_predict)
     value_bytes = kwargs["value_bytes"]
     b, t, sp = layout.micro_batch, layout.tp, layout.sequence_parallel
 
@@ -540,8 +498,9 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
     kept = encoder_layers * layer(layout.recompute, False) + decoder_layers * layer(layout.recompute, True)
     sbh = seq * b * cfg.d_model
     # a block's backward holds the gradients of its widest activations (B, T, ffn/t) and of the residual
-    # stream (B, T, D), and first reruns the forward it did not keep
-    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model / (t if sp else 1)) * value_bytes
+    # stream (B, T, D), its widest weight's gradient (ffn/t, D) before it joins .grad, and first reruns the
+    # forward it did not keep
+    transient = block_gradient_bytes(cfg, seq * b, t, t if sp else 1, value_bytes)
     if layout.recompute != "none":
         transient += layer("none", decoder_layers > 0) - layer(layout.recompute, decoder_layers > 0)
     plans, owned = stage_split(cfg, layout)
@@ -553,6 +512,8 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
         kept += streams * sbh * (value_bytes + mask + (kwargs["norm_bytes"] if cfg.embedding_norm else 0))
         if cfg.position == "relative":  # per stack: T5's (1, H/t, T, T) bias, which every layer keeps, and
             kept += streams * seq * seq * (cfg.n_heads / t * value_bytes + 8)  # its int64 bucket ids
+    if first:
+        transient = max(transient, embedding_gradient_bytes(cfg, t, value_bytes))
     if last:
         # the head's input (an LM head's normed input; BERT's MLM transform keeps its input, the dense and
         # GELU outputs and the normed output, on the `scored` share of the positions) and the vocab-sharded
@@ -560,47 +521,14 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: in
         # tp > 1) the fp32 log-softmax of its shard; in backward their gradient and the loss's fp32 copy
         rows = seq * b * (scored if cfg.family == "bert" else 1.0)
         logits = rows * cfg.padded_vocab_size(t) / t
-        kept += rows * cfg.d_model * value_bytes * (4 if cfg.family == "bert" else 1)
-        kept += logits * (4 if t > 1 else value_bytes)
+        head_kept = rows * cfg.d_model * value_bytes * (4 if cfg.family == "bert" else 1)
+        head_kept += logits * (4 if t > 1 else value_bytes)
+        kept += head_kept
         if cfg.final_norm and cfg.norm == "rmsnorm" and device == "cpu":  # the torch RMSNorm's own tensors
             kept += sbh * kwargs["norm_bytes"]
         if cfg.position == "relative":  # T5 drops out after the final norm
             kept += sbh * mask
-        transient = max(transient, logits * (value_bytes + 4))
-    return kept, transient
-
-
-def _xlnet_stage_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, kwargs: dict,
-                       num_predict: Optional[int]) -> tuple:
-    """stage_activation_bytes for XLNet (plan/memory_xlnet.py): full blocks, the model's last block without
-    its content stream, the positions and masks once per stage module, the embeddings and the head."""
-    from scaletrain.plan import memory_xlnet as xl
-
-    M = xl.plm_num_predict(seq) if num_predict is None else num_predict
-    b, t, v = layout.micro_batch, layout.tp, kwargs["value_bytes"]
-    plans, owned = stage_split(cfg, layout)
-    stages = [range(plans[i].start, plans[i].end) for i in owned[stage]] if layout.pp > 1 else [range(cfg.n_layers)]
-    first = layout.pp == 1 or 0 in owned[stage]
-    last = layout.pp == 1 or len(plans) - 1 in owned[stage]
-    # the CPU's math attention keeps q x scale, k, v and the scores in fp32 under 16-bit autocast
-    core = 4 if kwargs["math_fp32"] else v
-    sizes = dict(value_bytes=v, core_bytes=core, mask_bytes=kwargs["mask_bytes"], recompute=layout.recompute,
-                 scores_stored=kwargs["scores_stored"] or kwargs["math_fp32"])
-    full = xl.xlnet_block_bytes(cfg, seq, b, M, t, **sizes)
-    kept = 0.0
-    for layers in stages:
-        if not layers:
-            continue
-        holds_last = cfg.n_layers - 1 in layers
-        kept += (len(layers) - holds_last) * full + xl.xlnet_shared_bytes(cfg, seq, b, v, len(layers) > holds_last)
-        if holds_last:
-            kept += xl.xlnet_block_bytes(cfg, seq, b, M, t, **sizes, content_used=False)
-    kept += xl.xlnet_end_bytes(cfg, seq, b, M, v, kwargs["mask_bytes"], first, last, t)
-    transient = seq * b * (cfg.ffn_dim / t + 2 * cfg.d_model) * v  # as stage_activation_bytes: one block's gradients
-    if layout.recompute != "none":  # and the forward it reruns
-        transient += xl.xlnet_block_bytes(cfg, seq, b, M, t, **{**sizes, "recompute": "none"}) - full
-    if last:
-        transient = max(transient, M * b * cfg.padded_vocab_size(t) / t * (v + 4))
+        transient = max(transient, head_gradient_bytes(cfg, logits, rows, t, value_bytes, first, head_kept))
     return kept, transient
 
 

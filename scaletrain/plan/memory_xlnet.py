@@ -1,5 +1,5 @@
-"""XLNet in the planner (models/xlnet.py): what its two streams keep for backward (its parameter tensors are
-in plan/memory.py's inventory).
+"""XLNet in the planner (models/xlnet.py): its parameter tensors (part of plan/memory.py's parameter_inventory)
+and what its two streams keep for backward (plan/memory.py's stage_activation_bytes for this family).
 
 Activations follow the dry run's convention (parallel/dryrun_activations.py): a piece counts what its forward
 adds to its inputs, its outputs included. Notation: s rows of the content stream (the sequence), M of the query
@@ -19,8 +19,12 @@ and FFN when the block returns; only the keys and values the query stream attend
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 from scaletrain.configs.schema import ModelConfig
 from scaletrain.data.objectives import PLM
+from scaletrain.plan.memory import Layout, ParamTensor, linear_params, norm_params, stage_split
+from scaletrain.plan.memory_buffers import block_gradient_bytes, embedding_gradient_bytes
 
 
 def plm_num_predict(seq: int, k: int = 6, max_span: int = 5) -> int:
@@ -96,3 +100,64 @@ def xlnet_end_bytes(cfg: ModelConfig, seq: int, b: int, num_predict: int, value_
         logits = cfg.padded_vocab_size(tp) / tp * (4 if tp > 1 else value_bytes)
         kept += M * b * (per_row + logits + (10 if tp > 1 else 13)) + 4
     return kept
+
+
+def xlnet_tensors(cfg: ModelConfig, vocab: int) -> List[ParamTensor]:
+    """models/xlnet.py after the token table: the query stream's mask_emb, per block the relative attention
+    (bias-free projections, r_proj for the position keys; the per-head biases and segment embeddings sharded
+    by heads as parallel/tensor.py does) and the FFN, then the LM head's bias (its weight is the tied table)."""
+    d, heads, head_dim, inner = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
+    out = [ParamTensor("mask_emb", (1, 1, d), None, "embed")]
+    for i in range(cfg.n_layers):
+        prefix = f"layers.{i}"
+        out += norm_params(f"{prefix}.attn_norm", d, cfg, "layer", i)
+        for name in ("r_w_bias", "r_r_bias", "r_s_bias"):
+            out.append(ParamTensor(f"{prefix}.attn.{name}", (heads, head_dim), 0, "layer", i))
+        out.append(ParamTensor(f"{prefix}.attn.seg_embed", (2, heads, head_dim), 1, "layer", i))
+        for proj in ("q_proj", "k_proj", "v_proj", "r_proj"):
+            out += linear_params(f"{prefix}.attn.{proj}", inner, d, "col", cfg, "layer", i, bias=False)
+        out += linear_params(f"{prefix}.attn.out_proj", d, inner, "row", cfg, "layer", i, bias=False)
+        out += norm_params(f"{prefix}.mlp_norm", d, cfg, "layer", i)
+        out += linear_params(f"{prefix}.mlp.fc_in", cfg.ffn_dim, d, "col", cfg, "layer", i)
+        out += linear_params(f"{prefix}.mlp.fc_out", d, cfg.ffn_dim, "row", cfg, "layer", i)
+    out.append(ParamTensor("lm_head.bias", (vocab,), 0, "head"))
+    if not cfg.tie_embeddings:
+        out.append(ParamTensor("lm_head.weight", (vocab, d), 0, "head"))
+    if cfg.num_labels > 0:  # the summary (tanh dense on the last token) and the classifier
+        out += linear_params("pooler.dense", d, d, "none", cfg, "head", bias=True)
+        out += linear_params("classifier", cfg.num_labels, d, "none", cfg, "head", bias=True)
+    return out
+
+
+def xlnet_stage_bytes(cfg: ModelConfig, layout: Layout, seq: int, stage: int, kwargs: dict,
+                       num_predict: Optional[int]) -> tuple:
+    """stage_activation_bytes for XLNet (plan/memory.py): full blocks, the model's last block without
+    its content stream, the positions and masks once per stage module, the embeddings and the head."""
+    M = plm_num_predict(seq) if num_predict is None else num_predict
+    b, t, v = layout.micro_batch, layout.tp, kwargs["value_bytes"]
+    plans, owned = stage_split(cfg, layout)
+    stages = [range(plans[i].start, plans[i].end) for i in owned[stage]] if layout.pp > 1 else [range(cfg.n_layers)]
+    first = layout.pp == 1 or 0 in owned[stage]
+    last = layout.pp == 1 or len(plans) - 1 in owned[stage]
+    # the CPU's math attention keeps q x scale, k, v and the scores in fp32 under 16-bit autocast
+    core = 4 if kwargs["math_fp32"] else v
+    sizes = dict(value_bytes=v, core_bytes=core, mask_bytes=kwargs["mask_bytes"], recompute=layout.recompute,
+                 scores_stored=kwargs["scores_stored"] or kwargs["math_fp32"])
+    full = xlnet_block_bytes(cfg, seq, b, M, t, **sizes)
+    kept = 0.0
+    for layers in stages:
+        if not layers:
+            continue
+        holds_last = cfg.n_layers - 1 in layers
+        kept += (len(layers) - holds_last) * full + xlnet_shared_bytes(cfg, seq, b, v, len(layers) > holds_last)
+        if holds_last:
+            kept += xlnet_block_bytes(cfg, seq, b, M, t, **sizes, content_used=False)
+    kept += xlnet_end_bytes(cfg, seq, b, M, v, kwargs["mask_bytes"], first, last, t)
+    transient = block_gradient_bytes(cfg, seq * b, t, 1, v)  # as stage_activation_bytes: one block's gradients
+    if first:
+        transient = max(transient, embedding_gradient_bytes(cfg, t, v))
+    if layout.recompute != "none":  # and the forward it reruns
+        transient += xlnet_block_bytes(cfg, seq, b, M, t, **{**sizes, "recompute": "none"}) - full
+    if last:
+        transient = max(transient, M * b * cfg.padded_vocab_size(t) / t * (v + 4))
+    return kept, transient

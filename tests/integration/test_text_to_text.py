@@ -5,7 +5,6 @@ accuracy is what transformers' greedy generate on the exported seq2seq model spe
 import json
 
 import pytest
-import torch
 import transformers
 
 from scaletrain.cli import main
