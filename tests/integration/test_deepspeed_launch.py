@@ -4,8 +4,9 @@
   and writes metrics.jsonl / final_metrics.json with MFU;
 - SIGUSR1 / SIGTERM mid-run: the step finishes, a verified checkpoint is saved, exit 3; the same command
   again resumes and the losses continue exactly as the unstopped DeepSpeed run's;
-- a Hydra multirun of two single-process DeepSpeed jobs writes summary.csv;
-- a 2-task Slurm job (the real single-node cluster) trains under DeepSpeed, exits 0, same losses."""
+- a Hydra multirun of two single-process DeepSpeed jobs (and two native ones) writes summary.csv;
+- a 2-task Slurm job (the real single-node cluster) trains under DeepSpeed, exits 0, same losses; USR1 to
+  it: it saves, requeues itself, resumes and ends with the same losses."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ TINY = ["model=gpt_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "d
         "optim.lr=0.1", "checkpoint.every=40", "parallel.dp_shard=-1", "parallel.zero=2", "seed=7"]
 DEEPSPEED = [*TINY, "parallel.engine=deepspeed"]
 LOCAL = ["launcher.nproc_per_node=2"]
+SLURM = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.time=00:10:00"]
 
 
 def scaletrain_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -116,33 +119,56 @@ def test_stop_signal_saves_exits_3_and_the_rerun_continues_exactly(deepspeed_run
 
 
 @pytest.mark.slow
-def test_multirun_of_two_deepspeed_jobs_writes_a_summary(tmp_path):
-    """Two single-process jobs one after the other in one process (Hydra's basic launcher)."""
+def test_multirun_of_two_deepspeed_jobs_writes_a_summary_and_matches_native_jobs(tmp_path):
+    """Four single-process jobs one after the other in one process (Hydra's basic launcher): each learning
+    rate under DeepSpeed, then under the native engine (after DeepSpeed's, in the same process)."""
     sweep = tmp_path / "sweep"
-    overrides = [o for o in DEEPSPEED if not o.startswith(("trainer.max_steps=", "optim.lr=", "checkpoint.every="))]
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps=", "optim.lr=", "checkpoint.every="))]
     result = scaletrain_train(["-m", *overrides, "trainer.max_steps=3", "checkpoint.every=0", "optim.lr=0.1,0.05",
-                               f"hydra.sweep.dir={sweep}"])
+                               "parallel.engine=deepspeed,native", f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     with open(sweep / "summary.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert sorted(row["optim.lr"] for row in rows) == ["0.05", "0.1"]
-    assert all(row["status"] == "ok" and row["step"] == "3" and row["parallel.engine"] == "deepspeed" for row in rows)
-    for row in rows:  # each job's own final metrics, read from its folder
+        rows = {(row["parallel.engine"], row["optim.lr"]): row for row in csv.DictReader(handle)}
+    assert sorted(rows) == [(engine, lr) for engine in ("deepspeed", "native") for lr in ("0.05", "0.1")]
+    assert all(row["status"] == "ok" and row["step"] == "3" for row in rows.values())
+    for row in rows.values():  # each job's own final metrics, read from its folder
         final = json.loads((sweep / row["job"] / "final_metrics.json").read_text())
         assert float(row["loss"]) == final["loss"] and float(row["mfu"]) == final["mfu"] > 0
-    assert rows[0]["loss"] != rows[1]["loss"]
+    for lr in ("0.05", "0.1"):
+        assert float(rows["deepspeed", lr]["loss"]) == pytest.approx(float(rows["native", lr]["loss"]), rel=1e-5)
+    assert rows["deepspeed", "0.1"]["loss"] != rows["deepspeed", "0.05"]["loss"]
+
+
+def submitted_job_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("submitted Slurm job ")[1].split()[0]
 
 
 @pytest.mark.slow
 def test_two_task_slurm_job_trains_under_deepspeed(slurm, deepspeed_run, tmp_path):
     run_dir = tmp_path / "run"
-    result = scaletrain_train([*DEEPSPEED, "launcher=slurm", "launcher.tasks_per_node=2", "launcher.time=00:10:00",
-                               f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    job_id = result.stdout.split("submitted Slurm job ")[1].split()[0]
+    job_id = submitted_job_id(scaletrain_train([*DEEPSPEED, *SLURM, f"hydra.run.dir={run_dir}"]))
     info = slurm.wait(job_id, timeout=400)
     log = (run_dir / "slurm" / f"{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     manifest = json.loads((run_dir / "checkpoints" / f"step-{STEPS:06d}" / "scaletrain.json").read_text())
     assert manifest["world_size"] == 2
+    assert losses(run_dir) == pytest.approx(losses(deepspeed_run), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_usr1_to_a_slurm_deepspeed_job_requeues_it_resumes_and_matches(slurm, deepspeed_run, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submitted_job_id(scaletrain_train([*DEEPSPEED, *SLURM, "launcher.signal_grace_s=30",
+                                                f"hydra.run.dir={run_dir}"]))
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6):
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    info = slurm.wait(job_id, timeout=400)
+    log = (run_dir / "slurm" / f"{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    stopped_at = int(log.split("stopped by SIGUSR1 at step ")[1].split(";")[0])
+    assert 6 <= stopped_at < STEPS and f"resumed from checkpoints/step-{stopped_at:06d}" in log, log[-3000:]
     assert losses(run_dir) == pytest.approx(losses(deepspeed_run), rel=1e-6, abs=1e-7)
