@@ -3,7 +3,8 @@
   launcher) trains with the losses and final weights of the native engine at ZeRO 2 through the same CLI,
   and writes metrics.jsonl / final_metrics.json with MFU;
 - SIGUSR1 / SIGTERM mid-run: the step finishes, a verified checkpoint is saved, exit 3; the same command
-  again resumes and the losses continue exactly as the unstopped DeepSpeed run's;
+  again resumes and the losses continue exactly as the unstopped DeepSpeed run's; kill -9 of a rank with
+  launcher.max_restarts=1: the restarted workers resume and continue exactly too;
 - a Hydra multirun of two single-process DeepSpeed jobs (and two native ones) writes summary.csv;
 - a 2-task Slurm job (the real single-node cluster) trains under DeepSpeed, exits 0, same losses; USR1 to
   it: it saves, requeues itself, resumes and ends with the same losses."""
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import background_launch, wait_until
+from launch_helpers import background_launch, wait_until, worker_with_rank
 from slurm_cluster import slurm  # noqa: F401  (module-scoped fixture: starts and stops the daemons)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -95,7 +96,7 @@ def test_local_launch_trains_like_the_native_engine_and_reports_mfu(native_run, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_stop_signal_saves_exits_3_and_the_rerun_continues_exactly(deepspeed_run, tmp_path, signum):
     run_dir = tmp_path / "run"
     args = [*DEEPSPEED, *LOCAL, f"hydra.run.dir={run_dir}"]
@@ -116,6 +117,22 @@ def test_stop_signal_saves_exits_3_and_the_rerun_continues_exactly(deepspeed_run
     expected = final_parameters(deepspeed_run)
     for name, value in final_parameters(run_dir).items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_resumes_and_continues_exactly(deepspeed_run, tmp_path):
+    """kill -9 of rank 1 with launcher.max_restarts=1: the agent restarts both workers, which resume from
+    the last checkpoint (step 8 or later) and end as the unstopped run."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "scaletrain.cli", "train", *DEEPSPEED, *LOCAL, "checkpoint.every=8",
+               "launcher.max_restarts=1", f"hydra.run.dir={run_dir}"]
+    with background_launch(command, tmp_path / "launch.log") as launcher:
+        wait_until((run_dir / "checkpoints" / "step-000008" / "scaletrain.json").exists, launcher, 300,
+                   "no checkpoint at step 8")
+        os.kill(worker_with_rank(launcher.pid, 1, program=b"scaletrain.cli"), signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    assert "resumed from checkpoints/step-" in (run_dir / "train.log").read_text()
+    assert losses(run_dir) == losses(deepspeed_run)
 
 
 @pytest.mark.slow
