@@ -75,9 +75,15 @@ def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
             raise UserError(f"cluster={cfg.cluster.name} asks for CUDA but none is available; use cluster=cpu_local")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # gloo next to nccl: checkpoint collectives and async saves run on CPU tensors.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        # gloo next to nccl: checkpoint collectives and async saves run on CPU tensors.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif cfg.parallel.engine == "deepspeed" and not dist.is_initialized():
+        # DeepSpeed needs a process group even on one rank (a single-process run, each job of a multirun),
+        # which needs no rendezvous. It stays for the process's life: DeepSpeed keeps groups made from it.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; a launcher would have set it
     return rank, world_size, device
 
 
