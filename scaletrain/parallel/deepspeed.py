@@ -417,8 +417,12 @@ def size_nvme_buffers(config: dict, model: nn.Module, dp_size: int) -> None:
     swap.setdefault("max_in_cpu", 0)
     zero.setdefault("stage3_prefetch_bucket_size", 0)
     zero.setdefault("stage3_max_reuse_distance", 0)  # else gathered parameters stay (in the buffers) for reuse
-    # the optimizer swaps one sub-group of the flat fp32 partition at a time, through buffers of its size
-    zero.setdefault("sub_group_size", swap["buffer_size"])
+    # The optimizer swaps one sub-group of the flat fp32 partition at a time, through 4 buffers (weights, m, v,
+    # gradient) of the largest sub-group's size. A sub-group takes parameters until it holds sub_group_size
+    # elements, so the largest is the largest partition plus up to sub_group_size - 1: the least DeepSpeed
+    # swaps (1 MiB, MIN_SWAPPABLE_BYTES) keeps it near the largest partition, and smaller sub-groups would
+    # keep their fp32 weights and Adam state in host memory.
+    zero.setdefault("sub_group_size", 2**20 // 4)
     zero.setdefault("reduce_bucket_size", swap["buffer_size"])  # the gradient bucket
 
 
