@@ -234,7 +234,7 @@ class DeepSpeedEngine:
         if cfg.parallel.offload != "none":
             optimizer = offload_optimizer(optimizer, self.config)
         if cfg.parallel.offload == "nvme":
-            size_nvme_buffers(self.config, max(p.numel() for p in self.params.values()), dims.dp_size)
+            size_nvme_buffers(self.config, model, dims.dp_size)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Methods(model), optimizer=optimizer,
                                                                  config=self.config, dist_init_required=False)
         self.loss_scale_state = LossScaleState(self)
@@ -399,21 +399,31 @@ class DeepSpeedEngine:
                 param.data.copy_(model[name])
 
 
-def size_nvme_buffers(config: dict, largest: int, dp_size: int) -> None:
-    """DeepSpeed's parameter swap buffers default to 5 x 1e8 elements (2 GB of host memory): sized here to
-    the largest parameter's partition (plus DeepSpeed's alignment padding) instead, and with prefetching and
-    reuse off so that the 5 buffers hold only the parameters of the module that runs, unless the user's file sets
-    them (what NVMe offload is for is host memory)."""
+def size_nvme_buffers(config: dict, model: nn.Module, dp_size: int) -> None:
+    """Host memory is what NVMe offload is for, and DeepSpeed's defaults spend it: 5 parameter swap buffers of
+    1e8 elements (2 GB), optimizer swap buffers and a gradient bucket of 5e8 elements. Each buffer is sized
+    here to the largest parameter's partition (plus DeepSpeed's alignment padding), and the parameter swap
+    buffers are as many as one module fetches at once (prefetching and reuse off), plus one; a key the
+    user's file sets wins. What stays is DeepSpeed's fp32 gradient partition of the whole model per rank
+    (4 bytes x parameters / dp, half the rank's Adam state), which it keeps outside these settings."""
     zero = config["zero_optimization"]
     swap = zero["offload_param"]
+    threshold = zero.setdefault("stage3_param_persistence_threshold", 100_000)  # smaller ones stay whole in memory
+    swapped_per_module = [sum(p.numel() > threshold for p in module.parameters(recurse=False))
+                          for module in model.modules()]
+    largest = max(p.numel() for p in model.parameters())
     swap.setdefault("buffer_size", -(-largest // dp_size) + 4096)
-    swap.setdefault("buffer_count", 5)
+    swap.setdefault("buffer_count", max(swapped_per_module) + 1)
     swap.setdefault("max_in_cpu", 0)
     zero.setdefault("stage3_prefetch_bucket_size", 0)
-    zero.setdefault("stage3_max_reuse_distance", 0)
-    # the optimizer swaps one sub-group of the flat fp32 partition at a time, through buffers of its size
-    zero.setdefault("sub_group_size", swap["buffer_size"])
-    zero.setdefault("reduce_bucket_size", swap["buffer_size"])  # the gradient bucket: 5e8 elements by default  # else gathered parameters stay (in the buffers) for reuse
+    zero.setdefault("stage3_max_reuse_distance", 0)  # else gathered parameters stay (in the buffers) for reuse
+    # The optimizer swaps one sub-group of the flat fp32 partition at a time, through 4 buffers (weights, m, v,
+    # gradient) of the largest sub-group's size. A sub-group takes parameters until it holds sub_group_size
+    # elements, so the largest is the largest partition plus up to sub_group_size - 1: the least DeepSpeed
+    # swaps (1 MiB, MIN_SWAPPABLE_BYTES) keeps it near the largest partition, and smaller sub-groups would
+    # keep their fp32 weights and Adam state in host memory.
+    zero.setdefault("sub_group_size", 2**20 // 4)
+    zero.setdefault("reduce_bucket_size", swap["buffer_size"])  # the gradient bucket
 
 
 def offload_optimizer(optimizer: torch.optim.Optimizer, config: dict) -> torch.optim.Optimizer:

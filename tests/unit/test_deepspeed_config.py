@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scaletrain.configs.store import compose_config
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.deepspeed import deepspeed_config
+from scaletrain.parallel.deepspeed import deepspeed_config, size_nvme_buffers
 from scaletrain.train.main import validate
 
 BASE = ["parallel.engine=deepspeed", "parallel.zero=2", "trainer.global_batch=16", "trainer.micro_batch=2",
@@ -119,3 +120,35 @@ def test_nvme_offload_without_libaio_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     message = _error(BASE + ["parallel.offload=nvme", "parallel.zero=3", f"parallel.offload_dir={tmp_path}"])
     assert "apt-get install libaio-dev" in message and "parallel.offload=cpu" in message
+
+
+class _TwoBigWeights(torch.nn.Module):
+    """A module that fetches two swapped parameters at once (each above DeepSpeed's persistence threshold of
+    1e5 elements) and a small one that stays whole in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.zeros(400, 300)), torch.nn.Parameter(torch.zeros(100, 1001))
+        self.small = torch.nn.Parameter(torch.zeros(1000))
+        self.proj = torch.nn.Linear(50, 200)  # 10_000 elements: persistent
+
+
+def test_nvme_buffers_are_sized_to_the_largest_partition_and_one_modules_fetch():
+    config = {"zero_optimization": {"offload_param": {}}}
+    size_nvme_buffers(config, _TwoBigWeights(), dp_size=2)
+    zero = config["zero_optimization"]
+    assert zero["offload_param"] == {"buffer_size": 120_000 // 2 + 4096, "buffer_count": 2 + 1, "max_in_cpu": 0}
+    assert zero["reduce_bucket_size"] == 120_000 // 2 + 4096 and zero["sub_group_size"] == 2**18
+    assert zero["stage3_prefetch_bucket_size"] == zero["stage3_max_reuse_distance"] == 0
+
+
+def test_a_users_nvme_buffer_settings_win():
+    config = {"zero_optimization": {"offload_param": {"buffer_count": 7}, "stage3_param_persistence_threshold": 10**6,
+                                    "sub_group_size": 10**9}}
+    size_nvme_buffers(config, _TwoBigWeights(), dp_size=2)
+    zero = config["zero_optimization"]
+    assert zero["offload_param"]["buffer_count"] == 7 and zero["sub_group_size"] == 10**9
+    # a higher persistence threshold keeps both weights whole in memory: one buffer is left
+    config = {"zero_optimization": {"offload_param": {}, "stage3_param_persistence_threshold": 10**6}}
+    size_nvme_buffers(config, _TwoBigWeights(), dp_size=2)
+    assert config["zero_optimization"]["offload_param"]["buffer_count"] == 1
