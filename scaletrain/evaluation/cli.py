@@ -106,7 +106,13 @@ def cli(argv: list[str]) -> int:
         _perplexity(args, loaded, window)
     for name, examples in tasks.items():
         _task(args, loaded, window, name, examples, demonstrations)
-    return max([_replay(args, loaded, window, *replay) for replay in replays], default=0)
+    code = max([_replay(args, loaded, window, *replay) for replay in replays], default=0)
+    if args.tp > 1:  # leave together: rank 0 hosts the store, and a peer still tearing down when it goes aborts
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
 
 
 def _check_family(args, loaded, tasks: dict, replays: list) -> None:
@@ -142,8 +148,9 @@ def _launch(argv: list[str], tp: int) -> int:
     from scaletrain.configs.schema import LaunchConfig
     from scaletrain.launch.local import run_elastic
 
-    logs = tempfile.mkdtemp(prefix="scaletrain-eval-")
-    return run_elastic(LaunchConfig(nproc_per_node=tp), [sys.executable, "-m", "scaletrain.cli", "eval", *argv], logs)
+    with tempfile.TemporaryDirectory(prefix="scaletrain-eval-") as logs:  # the agent's per-attempt folders
+        return run_elastic(LaunchConfig(nproc_per_node=tp), [sys.executable, "-m", "scaletrain.cli", "eval", *argv],
+                           logs)
 
 
 def _check_shardable(cfg, tp: int) -> None:

@@ -39,10 +39,8 @@ def run_elastic(launcher: LaunchConfig, worker_argv: Sequence[str], run_dir: str
     """Starts nproc_per_node copies of worker_argv (`scaletrain train ...`, see command.train_argv) and
     returns 0, the first failed rank's exit code once no restarts are left, or REQUEUE_EXIT_CODE after a
     forwarded USR1/USR2/TERM."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
-    from torch.distributed.launcher.api import elastic_launch
 
     argv = list(worker_argv)
     port = free_port()
@@ -60,6 +58,24 @@ def run_elastic(launcher: LaunchConfig, worker_argv: Sequence[str], run_dir: str
     # attempt's keys in the same store and gloo dials dead ranks' addresses ("connectFullMesh failed").
     # Unshared, every attempt gets a fresh store hosted by its rank 0.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # The agent installs its own handlers for the forwarded signals and leaves them: give the caller's back
+    # (an in-process caller, `scaletrain eval --tp` say, would otherwise raise the agent's exception on its
+    # next SIGTERM instead of running its own handler).
+    forwarded = [getattr(signal, name) for name in _FORWARDED_SIGNALS.split(",")]
+    previous = {signum: signal.getsignal(signum) for signum in forwarded}
+    try:
+        return _run_agent(config, argv, launcher)
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: installed outside Python; nothing to give back
+                signal.signal(signum, handler)
+
+
+def _run_agent(config, argv: list[str], launcher: LaunchConfig) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
         elastic_launch(config, entrypoint=argv[0])(*argv[1:])
     except ChildFailedError as error:

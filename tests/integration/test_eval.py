@@ -3,6 +3,7 @@ token-weighted perplexity computed by hand with transformers on the exported mod
 
 import json
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -171,7 +172,9 @@ def test_eval_with_tp2_workers_gives_one_process_scores(run, tmp_path, capsys):
     common = ["--tasks", str(mc), str(gen), "--shots", "1", "--seq-len", "24", "--batch-size", "4",
               "--max-new-tokens", "4"]
     assert main(["eval", str(run / "run"), *common, "--out", str(tmp_path / "one")]) == 0
+    handler = signal.getsignal(signal.SIGTERM)
     assert main(["eval", str(run / "run"), *common, "--tp", "2", "--out", str(tmp_path / "two")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # the launcher gives the caller's handlers back
     for name, key in (("colors", "loglikelihoods"), ("words", "generated")):
         one, two = (json.loads((tmp_path / d / f"{name}.prompts.json").read_text()) for d in ("one", "two"))
         assert two["scores"] == one["scores"]
