@@ -32,7 +32,8 @@ _INFO_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "-
 # launched workers start there: they are made absolute before anything reads them. (resume= is the
 # documented exception: a relative one names a folder inside the run folder.)
 PATH_KEYS = ("model.init_from", "data.corpus", "data.prepared", "data.mixture_root", "data.tokenizer",
-             "data.cache_dir", "data.train_files", "data.validation_files")
+             "data.cache_dir", "data.train_files", "data.validation_files", "parallel.deepspeed_config",
+             "parallel.offload_dir")
 _NOT_PATHS = ("", "builtin", "train")  # the keywords these keys take besides paths
 LIST_PATH_KEYS = ("trainer.eval_tasks",)  # lists of paths: [a.jsonl,b.jsonl]
 

@@ -84,6 +84,8 @@ def test_paths_are_relative_to_where_the_command_was_typed_not_to_the_run_folder
                            "data.prepared=a,/b", "+data.tokenizer=tok.json", "resume=step-000010", "seed=3"], "/w") == [
         "data.corpus=/w/texts", "data.corpus=builtin", "model.init_from=/abs/run", "-m", "data.prepared=/w/a,/b",
         "+data.tokenizer=/w/tok.json", "resume=step-000010", "seed=3"]
+    assert absolute_paths(["parallel.deepspeed_config=ds.json", "parallel.offload_dir=nvme/swap"], "/w") == [
+        "parallel.deepspeed_config=/w/ds.json", "parallel.offload_dir=/w/nvme/swap"]
     # end to end: Hydra runs the job inside the run folder, where "texts" does not exist
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("\n\n".join(f"document {i} about streams and shards" for i in range(40)))
