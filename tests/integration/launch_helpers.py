@@ -4,9 +4,11 @@ them (never by name)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -74,4 +76,28 @@ def wait_until(condition: Callable[[], bool], launcher: subprocess.Popen, timeou
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline and launcher.poll() is None, what
+        time.sleep(0.1)
+
+
+def scaletrain_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scaletrain.cli", "train", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step redone after a restart keeps its last value."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def submitted_job_id(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("submitted Slurm job ")[1].split()[0]
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until a run with no local launcher to watch (a Slurm job) has logged `step`."""
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step):
+        assert time.monotonic() < deadline, "training never got going"
         time.sleep(0.1)

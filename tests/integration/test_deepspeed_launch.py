@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import background_launch, wait_until
+from launch_helpers import background_launch, losses, scaletrain_train, submitted_job_id, wait_for_step, wait_until
 from slurm_cluster import slurm  # noqa: F401  (module-scoped fixture: starts and stops the daemons)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -37,11 +35,6 @@ LOCAL = ["launcher.nproc_per_node=2"]
 SLURM = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.time=00:10:00"]
 
 
-def scaletrain_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaletrain.cli", "train", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def trained(args: list[str], run_dir: Path) -> Path:
     result = scaletrain_train([*args, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -50,11 +43,6 @@ def trained(args: list[str], run_dir: Path) -> Path:
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step redone after a restart keeps its last value."""
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,20 +127,12 @@ def test_multirun_of_two_deepspeed_jobs_writes_a_summary_and_matches_native_jobs
     assert rows["deepspeed", "0.1"]["loss"] != rows["deepspeed", "0.05"]["loss"]
 
 
-def submitted_job_id(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.split("submitted Slurm job ")[1].split()[0]
-
-
 @pytest.mark.slow
 def test_usr1_to_a_slurm_deepspeed_job_requeues_it_resumes_and_matches(slurm, deepspeed_run, tmp_path):
     run_dir = tmp_path / "run"
     job_id = submitted_job_id(scaletrain_train([*DEEPSPEED, *SLURM, "launcher.signal_grace_s=30",
                                                 f"hydra.run.dir={run_dir}"]))
-    deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6):
-        assert time.monotonic() < deadline, "training never got going"
-        time.sleep(0.1)
+    wait_for_step(run_dir, 6)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     info = slurm.wait(job_id, timeout=400)
     log = (run_dir / "slurm" / f"{job_id}.out").read_text()

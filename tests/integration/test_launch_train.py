@@ -18,12 +18,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import background_launch, wait_until, worker_with_rank
+from launch_helpers import (background_launch, losses, scaletrain_train, submitted_job_id, wait_for_step,
+                            wait_until, worker_with_rank)
 from slurm_cluster import slurm  # noqa: F401  (module-scoped fixture: starts and stops the daemons)
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -33,17 +33,6 @@ TINY = ["model=gpt_tiny", "model.vocab_size=512", "data.tokenizer_vocab=512", "d
         "trainer.log_every=1", "trainer.eval_batches=2", "trainer.progress_bar=false", "optim.name=sgd",
         "optim.lr=0.1", "checkpoint.every=4", "parallel.dp_shard=-1", "seed=7"]
 SLURM = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.time=00:10:00", "launcher.signal_grace_s=30"]
-
-
-def scaletrain_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaletrain.cli", "train", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step redone after a restart keeps its last value."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def final_parameters(run_dir: Path, converted: Path) -> dict[str, torch.Tensor]:
@@ -62,11 +51,6 @@ def assert_same_run(run_dir: Path, reference: Path, scratch: Path) -> None:
     assert params.keys() == expected_params.keys()
     for name, value in expected_params.items():
         torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def submitted_job_id(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.split("submitted Slurm job ")[1].split()[0]
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +78,7 @@ def test_two_task_slurm_job_matches_the_local_run(slurm, reference, tmp_path):
 def test_usr1_preempted_slurm_job_requeues_resumes_and_matches(slurm, reference, tmp_path):
     run_dir = tmp_path / "run"
     job_id = submitted_job_id(scaletrain_train([*TINY, *SLURM, f"hydra.run.dir={run_dir}"]))
-    deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6):
-        assert time.monotonic() < deadline, "training never got going"
-        time.sleep(0.1)
+    wait_for_step(run_dir, 6)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     info = slurm.wait(job_id, timeout=400)
     log = (run_dir / "slurm" / f"{job_id}.out").read_text()

@@ -6,19 +6,11 @@ import pytest
 import torch
 
 from scaletrain.parallel.multiprocess import run_on_ranks
-from train_utils import full_params, make_trainer, tiny_overrides
+from train_utils import make_trainer, tiny_overrides, trained_weights
 
 # SGD with momentum: per-parameter state, exact enough for 1e-5 parity; grad_clip low enough to clip.
 EXTRA = ["trainer.max_steps=3", "trainer.micro_batch=1", "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9",
          "trainer.grad_clip=0.5", "checkpoint.save_final=false", "parallel.dp_shard=2"]
-
-
-def trained_weights(trainer) -> dict[str, torch.Tensor]:
-    """Full fp32 parameters on every rank, whichever engine (DeepSpeed ZeRO-3 keeps only partitions)."""
-    if trainer.engine is not None:
-        state = trainer.engine.layout_free_state()["model"]
-        return {name: state[name] for name in trainer.engine.params}
-    return full_params(trainer)
 
 
 def _both_engines(rank, world_size, tmp_path, family, zeros):

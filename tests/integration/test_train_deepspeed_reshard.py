@@ -7,10 +7,8 @@ never stopped."""
 import pytest
 import torch
 
-from scaletrain.errors import REQUEUE_EXIT_CODE
 from scaletrain.parallel.multiprocess import run_on_ranks
-from test_train_deepspeed import trained_weights
-from train_utils import full_params, make_trainer, stop_after, tiny_overrides
+from train_utils import full_params, make_trainer, resumed_run, stopped_run, tiny_overrides
 
 STOP_AT, TOTAL = 2, 4
 EXTRA = [f"trainer.max_steps={TOTAL}", "trainer.micro_batch=1", "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
@@ -24,17 +22,11 @@ LAYOUTS = {
 
 
 def _stopped_run(run_dir, overrides):
-    trainer = make_trainer(run_dir, overrides)
-    stop_after(trainer, STOP_AT)
-    assert trainer.train() == REQUEUE_EXIT_CODE
-    return trainer.run_dir / "checkpoints" / f"step-{STOP_AT:06d}"
+    return stopped_run(run_dir, overrides, STOP_AT)
 
 
 def _resumed_run(run_dir, overrides, checkpoint):
-    trainer = make_trainer(run_dir, overrides + [f"resume={checkpoint}"])
-    assert trainer.state.step == STOP_AT
-    assert trainer.train() == 0
-    return trainer.losses, trained_weights(trainer)
+    return resumed_run(run_dir, overrides, checkpoint, STOP_AT)
 
 
 def _on_ranks(rank, world_size, tmp_path, family, stops, resumes):

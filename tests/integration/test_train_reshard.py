@@ -5,9 +5,8 @@ pp2 x tp2 x dp2. Every resumed run continues to the losses and parameters of a r
 import pytest
 import torch
 
-from scaletrain.errors import REQUEUE_EXIT_CODE
 from scaletrain.parallel.multiprocess import run_on_ranks
-from train_utils import full_params, make_trainer, stop_after, tiny_overrides
+from train_utils import full_params, make_trainer, resumed_run, stopped_run, tiny_overrides
 
 STOP_AT, TOTAL = 2, 4
 # SGD with momentum: a per-parameter state that must reshard too, and exact enough for 1e-5 parity.
@@ -23,17 +22,11 @@ LAYOUTS = {
 
 
 def _stopped_run(run_dir, overrides):
-    trainer = make_trainer(run_dir, overrides)
-    stop_after(trainer, STOP_AT)
-    assert trainer.train() == REQUEUE_EXIT_CODE
-    return trainer.run_dir / "checkpoints" / f"step-{STOP_AT:06d}"
+    return stopped_run(run_dir, overrides, STOP_AT)
 
 
 def _resumed_run(run_dir, overrides, checkpoint):
-    trainer = make_trainer(run_dir, overrides + [f"resume={checkpoint}"])
-    assert trainer.state.step == STOP_AT
-    assert trainer.train() == 0
-    return trainer.losses, full_params(trainer)
+    return resumed_run(run_dir, overrides, checkpoint, STOP_AT)
 
 
 def _on_ranks(rank, world_size, tmp_path, family, stops, resumes, extra=()):

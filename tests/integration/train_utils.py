@@ -62,6 +62,32 @@ def stop_after(trainer, steps: int) -> None:
     trainer.train_step = train_step
 
 
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters on every rank, whichever engine (DeepSpeed ZeRO-3 keeps only partitions)."""
+    if trainer.engine is not None:
+        state = trainer.engine.layout_free_state()["model"]
+        return {name: state[name] for name in trainer.engine.params}
+    return full_params(trainer)
+
+
+def stopped_run(run_dir: Path, overrides: list[str], step: int) -> Path:
+    """A run stopped (as by SIGUSR1) after `step` steps -> the checkpoint it saved."""
+    from scaletrain.errors import REQUEUE_EXIT_CODE
+
+    trainer = make_trainer(run_dir, overrides)
+    stop_after(trainer, step)
+    assert trainer.train() == REQUEUE_EXIT_CODE
+    return trainer.run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def resumed_run(run_dir: Path, overrides: list[str], checkpoint: Path, step: int):
+    """That checkpoint resumed (at another layout or engine) to the end -> (losses, full final weights)."""
+    trainer = make_trainer(run_dir, overrides + [f"resume={checkpoint}"])
+    assert trainer.state.step == step
+    assert trainer.train() == 0
+    return trainer.losses, trained_weights(trainer)
+
+
 def checkpoint_params(path: Path) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP checkpoint, read without building a model."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
