@@ -26,6 +26,7 @@ from scaletrain.scaling.fit import ScalingFitError
 SCORE_CONSTANTS = 2  # slope and C_mid
 LOGIT_CLIP = 1e-3  # the starting line reads scores at a plateau as this close to it
 FLAT = 0.01  # a fitted rise over the runs below this share of ceiling - floor is no rise
+FLAT_SLOPE = 1e-9  # logits per decade: no rise at all, kept finite
 
 
 @dataclass
@@ -76,8 +77,10 @@ def fit_score_law(points: Sequence[ScorePoint], floor: float = 0.0, ceiling: flo
         return 1 / (1 + np.exp(-(a + b * (x - center)))) - share
 
     a, b = least_squares(residuals, [a0, b0], method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15).x
-    # a flat fit (b == 0) is half way everywhere only at a == 0; otherwise lm leaves b tiny, not exactly 0
-    midpoint = center - a / b if b != 0 else (center if a == 0 else math.copysign(math.inf, -a))
+    # Exactly flat scores (equal at every run) leave b exactly 0, and a level a != 0 has no finite midpoint:
+    # a tiny slope keeps the level sigmoid(a) in (slope, midpoint) form, where 0 x inf would give NaN
+    b = b if b != 0 or a == 0 else FLAT_SLOPE
+    midpoint = center - a / b if b != 0 else center
     return ScoreLaw(floor=floor, ceiling=ceiling, slope=float(b), log10_midpoint=float(midpoint))
 
 

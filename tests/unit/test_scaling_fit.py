@@ -203,8 +203,8 @@ def test_score_law_recovers_a_known_logistic_in_log_compute(tmp_path, capsys):
 def test_a_flat_score_is_fitted_and_flagged():
     from scaletrain.scaling.score_fit import ScorePoint, fit_score_law, score_warnings
 
-    for score in (0.5, 1 / 3):
+    for score, floor in ((0.5, 0.0), (1 / 3, 0.0), (0.5, 0.3333)):
         points = [ScorePoint(str(i), c, score) for i, c in enumerate([1e10, 1e11, 1e12])]
-        law = fit_score_law(points)
+        law = fit_score_law(points, floor)
         assert law.slope == pytest.approx(0, abs=1e-9) and float(law(1e11)) == pytest.approx(score)
         assert any("does not rise" in w for w in score_warnings(points, law))
